@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `raytrainer` console script and `python -m raytrainer`."""
     parser = build_parser()
     options = parser.parse_args(argv)
+    if not sys.stderr.isatty():  # in `ray job logs` and CI, per-example progress bars are noise
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         config = load_job_config(options.config, options.overrides)
         from raytrainer.job_setup import build_training_job
