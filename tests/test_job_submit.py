@@ -1,0 +1,190 @@
+"""`ray job submit` against a real local Ray head with token authentication.
+
+One head serves the module: a training job submitted with the `ray job submit` CLI, one with the
+Python `JobSubmissionClient`, a job stopped mid-run and resumed from its last checkpoint, and driver
+scripts that must join the job's cluster (or RAY_ADDRESS's) instead of starting a second Ray.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _cluster_fixtures import LocalRayHead, start_local_ray_head, wait_for_job
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
+# Tiny and fast: 2 workers, few steps, short sequences.
+QUICK = ["--set", "max_steps=6", "--set", "save_steps=3", "--set", "eval_steps=3", "--set", "logging_steps=1"]
+
+DRIVER = """
+import json, ray
+from raytrainer.orchestration import ensure_ray
+ensure_ray()
+ensure_ray()  # a second call must reuse the same Ray
+context = ray.get_runtime_context()
+print("DRIVER " + json.dumps({"gcs_address": context.gcs_address,
+      "session_dir": ray._private.worker._global_node.get_session_dir_path()}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def head():
+    head = start_local_ray_head(num_cpus=4)
+    try:
+        yield head
+    finally:
+        head.stop()
+        assert head.owned_processes() == [], "the Ray head left processes behind"
+
+
+@pytest.fixture(scope="module")
+def working_dir(tmp_path_factory):
+    """The example folder with its data and tokenizer, as a user would submit it."""
+    folder = tmp_path_factory.mktemp("job") / "job_submit"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("data", "tokenizer", "__pycache__"))
+    subprocess.run([sys.executable, str(folder / "prepare_data.py"), "--out", str(folder), "--train-examples", "96"],
+                   check=True, capture_output=True)
+    return folder
+
+
+def client(head: LocalRayHead):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.dashboard_url, headers=head.auth_headers)
+
+
+def checkpoints(output_dir: Path) -> dict[int, Path]:
+    found = {}
+    for path in output_dir.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def assert_complete_checkpoint(path: Path, step: int) -> dict:
+    """A checkpoint in the transformers layout whose files all load; returns its trainer state."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert state["global_step"] == step
+    weights = load_file(path / "model.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    torch.load(path / "optimizer.pt", weights_only=True)
+    torch.load(path / "scheduler.pt", weights_only=True)
+    assert (path / "config.json").is_file()
+    return state
+
+
+def test_cli_job_submit_trains_and_writes_checkpoints(head, working_dir, tmp_path):
+    output_dir = tmp_path / "cli-run"
+    result = head.ray("job", "submit", "--working-dir", str(working_dir), "--", "raytrainer", "train", "job.yaml",
+                      "--set", f"output_dir={output_dir}", *QUICK)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"Job '(raysubmit_\w+)' submitted", result.stdout + result.stderr).group(1)
+    assert "SUCCEEDED" in head.ray("job", "status", job_id).stdout + head.ray("job", "status", job_id).stderr
+
+    assert sorted(checkpoints(output_dir)) == [3, 6]
+    state = assert_complete_checkpoint(checkpoints(output_dir)[6], 6)
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    metrics = json.loads((output_dir / "train_results.json").read_text())
+    assert metrics["train_loss"] > 0 and "train_runtime" in metrics
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+
+    logs = head.ray("job", "logs", job_id).stdout
+    assert "raytrainer: trained 6 steps" in logs
+    assert re.search(r"rank[ =]?[01]", logs, re.IGNORECASE), "worker output must carry rank prefixes"
+    assert "\r" not in logs, "progress must be plain log lines, not a terminal progress bar, in job logs"
+
+
+def test_job_stop_keeps_last_checkpoint_resumable(head, working_dir, tmp_path):
+    from ray.job_submission import JobStatus
+
+    jobs = client(head)
+    output_dir = tmp_path / "stopped-run"
+    entrypoint = (f"raytrainer train job.yaml --set output_dir={output_dir} --set max_steps=1000 "
+                  "--set save_steps=2 --set eval_strategy=no --set logging_steps=1")
+    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
+    deadline = time.monotonic() + 240
+    while len(checkpoints(output_dir)) < 2:  # stop once a checkpoint is surely complete and more are coming
+        assert time.monotonic() < deadline, jobs.get_job_logs(job_id)[-3000:]
+        assert not jobs.get_job_status(job_id).is_terminal(), jobs.get_job_logs(job_id)[-3000:]
+        time.sleep(0.5)
+    stop = head.ray("job", "stop", job_id)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert wait_for_job(jobs, job_id, {JobStatus.STOPPED}, timeout=120) == JobStatus.STOPPED
+
+    saved = checkpoints(output_dir)
+    assert saved and max(saved) < 1000
+    last_step = max(saved)
+    for step, path in saved.items():  # a stop never leaves a checkpoint that looks complete but is not
+        assert_complete_checkpoint(path, step)
+
+    resumed = jobs.submit_job(
+        entrypoint=f"{entrypoint.replace('max_steps=1000', f'max_steps={last_step + 2}')} "
+                   "--set resume_from_checkpoint=true",
+        runtime_env={"working_dir": str(working_dir)})
+    assert wait_for_job(jobs, resumed, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(resumed)
+    final = assert_complete_checkpoint(checkpoints(output_dir)[last_step + 2], last_step + 2)
+    logged_steps = [entry["step"] for entry in final["log_history"] if "loss" in entry]
+    assert logged_steps[-2:] == [last_step + 1, last_step + 2]
+    assert json.loads((output_dir / "train_results.json").read_text())["train_loss"] > 0
+
+
+def driver_report(output: str) -> dict:
+    line = next(line for line in output.splitlines() if line.startswith("DRIVER "))
+    return json.loads(line[len("DRIVER "):])
+
+
+def test_driver_inside_a_job_uses_the_job_cluster(head):
+    from ray.job_submission import JobStatus
+
+    jobs = client(head)
+    job_id = jobs.submit_job(entrypoint=f"python -c '{DRIVER}'")
+    assert wait_for_job(jobs, job_id, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(job_id)
+    report = driver_report(jobs.get_job_logs(job_id))
+    assert report["gcs_address"].endswith(f":{head.gcs_address.rsplit(':', 1)[1]}")  # the host may be the node IP
+    assert report["session_dir"].startswith(str(head.root))
+    sessions = [p for p in (head.root / "ray").glob("session_*") if p.name != "session_latest"]
+    assert len(sessions) == 1, f"a second Ray was started: {sessions}"
+
+
+def test_driver_with_ray_address_connects_to_that_cluster(head):
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    result = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = driver_report(result.stdout)
+    assert report["gcs_address"].endswith(f":{head.gcs_address.rsplit(':', 1)[1]}")
+    assert report["session_dir"].startswith(str(head.root))
+
+
+def test_driver_without_a_cluster_starts_an_embedded_local_ray():
+    """No RAY_ADDRESS and no running cluster: the driver starts its own Ray and takes it down on exit."""
+    private_tmp = tempfile.mkdtemp(prefix="rtdrv-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env["RAY_TMPDIR"] = private_tmp  # where Ray looks for a running cluster and starts its own
+    try:
+        result = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True,
+                                timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = driver_report(result.stdout)
+        assert report["session_dir"].startswith(private_tmp)
+        import psutil
+
+        leftovers = [p for p in psutil.process_iter(["cmdline"]) if private_tmp in " ".join(p.info["cmdline"] or ())]
+        deadline = time.monotonic() + 30
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(1)
+            leftovers = [p for p in leftovers if p.is_running()]
+        assert not leftovers, "the embedded Ray outlived its driver"
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
