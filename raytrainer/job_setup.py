@@ -50,7 +50,22 @@ def build_training_arguments(config: JobConfig):
         check_supported_arguments(args)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{config.source}: the training section is not valid: {error}") from None
+    _check_resume(config.training.get("resume_from_checkpoint"), args.output_dir)
     return args
+
+
+def _check_resume(resume: Any, output_dir: str) -> None:
+    """Fail before Ray starts when the checkpoint to resume from is not there."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is True:
+        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
+            raise ConfigError(f"training.resume_from_checkpoint=true, but output_dir={output_dir!r} holds no "
+                              "checkpoint-<step> folder. Point output_dir at the earlier run, or remove "
+                              "resume_from_checkpoint to start from scratch.")
+    elif resume not in (None, False) and not Path(str(resume)).is_dir():
+        raise ConfigError(f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder. Use true (the "
+                          "latest checkpoint in output_dir) or the path of a checkpoint-<step> folder.")
 
 
 def load_tokenizer(config: JobConfig):

@@ -135,6 +135,16 @@ def test_invalid_training_values_are_reported(job_folder):
         build_training_job(load_job_config(path, ["num_workers=0"]))
 
 
+def test_resume_needs_an_existing_checkpoint(job_folder):
+    path = job_folder / "job.yaml"
+    with pytest.raises(ConfigError, match="holds no checkpoint-<step> folder"):
+        build_training_job(load_job_config(path, ["resume_from_checkpoint=true"]))
+    (job_folder / "out" / "checkpoint-4").mkdir(parents=True)
+    assert build_training_job(load_job_config(path, ["resume_from_checkpoint=true"])).args.max_steps == 3
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+        build_training_job(load_job_config(path, ["resume_from_checkpoint=nowhere/checkpoint-9"]))
+
+
 def test_missing_text_column_lists_columns(job_folder):
     with pytest.raises(ConfigError, match=r"no text column 'body'.*\['text'\]"):
         build_training_job(load_job_config(job_folder / "job.yaml", ["data.text_column=body"]))
