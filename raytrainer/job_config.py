@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import json
 import os
 import types
 import typing
@@ -64,8 +65,14 @@ def load_job_config(path: str | os.PathLike, overrides: list[str] = ()) -> JobCo
     if not source.is_file():
         raise ConfigError(f"config file {str(source)!r} does not exist. Pass the path of a YAML or JSON file.")
     text = source.read_text()
+    if source.suffix.lower() == ".json":
+        try:
+            json.loads(text)  # JSON's own parser names the line of a JSON syntax error
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{source} line {error.lineno}, column {error.colno}: not valid JSON: "
+                              f"{error.msg}.") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(text)  # YAML 1.2 reads JSON too; the node tree gives every key's line
         node = yaml.compose(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark

@@ -100,6 +100,20 @@ def test_bad_yaml_names_the_line(tmp_path):
     assert "job.yaml line" in message and "not valid YAML" in message
 
 
+def test_json_config_and_its_errors_name_the_line(job_folder):
+    config = load_job_config(job_folder / "job.yaml")
+    document = {"model": {"config": config.model["config"], "tokenizer": str(config.model["tokenizer"])},
+                "data": {"train": "train.jsonl"}, "training": {"output_dir": "out", "max_stesp": 2}}
+    path = job_folder / "job.json"
+    text = json.dumps(document, indent=2)
+    line = text.splitlines().index('    "max_stesp": 2') + 1
+    path.write_text(text)
+    message = config_error(path)
+    assert f"job.json line {line}:" in message and "'max_steps'" in message
+    path.write_text(text.replace('"max_stesp": 2', '"max_steps": 2,'))  # a trailing comma
+    assert f"job.json line {line + 1}, column 3: not valid JSON" in config_error(path)
+
+
 def test_unknown_training_field_names_line_and_suggests(job_folder):
     path = job_folder / "job.yaml"
     path.write_text(path.read_text().replace("learning_rate:", "learnig_rate:"))
