@@ -42,13 +42,13 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **options)
         return
-    try:  # a cluster started on this machine with `ray start`
-        ray.init(address="auto", **options)
-        return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
+    # No address: ray.init() joins the cluster `ray start` recorded on this machine, else starts an embedded one.
+    # Not address="auto": that also attaches to any other program's embedded Ray that `ps` finds.
+    from ray._private.services import canonicalize_bootstrap_address
+
+    starts_embedded = canonicalize_bootstrap_address(None) is None
     ray.init(**options)
-    _EMBEDDED["started"] = True
+    _EMBEDDED["started"] = starts_embedded
 
 
 # ---------------------------------------------------------------------------------------------- events
