@@ -70,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if not sys.stderr.isatty():  # in `ray job logs` and CI, per-example progress bars are noise
         import datasets
+        import transformers
 
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     try:
         config = load_job_config(options.config, options.overrides)
         from raytrainer.job_setup import build_training_job
@@ -106,10 +108,18 @@ def _train(config: JobConfig, job) -> int:
     output_dir = Path(job.args.output_dir)
     _write_json(output_dir / "train_results.json", result.metrics)
     if job.eval_dataset is not None and job.args.do_eval:
-        _write_json(output_dir / "eval_results.json", trainer.evaluate())
+        _write_json(output_dir / "eval_results.json", _final_eval_metrics(trainer, job.args, result.global_step))
     print(f"raytrainer: trained {result.global_step} steps, training loss {result.training_loss:.4f}; "
           f"model saved to {output_dir}", flush=True)
     return 0
+
+
+def _final_eval_metrics(trainer, args, global_step: int) -> dict:
+    """Metrics of the final model: those of an evaluation at the last step if training ran one, else evaluate()."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == global_step and not args.load_best_model_at_end:
+        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
 
 
 def _write_json(path: Path, metrics: dict) -> None:
