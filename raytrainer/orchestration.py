@@ -164,9 +164,11 @@ def worker_main(config: dict) -> None:
     from raytrainer.distributed import WorkerContext
     from raytrainer.loop import WorkerTrainer
     from raytrainer.results import pack_result
+    from raytrainer.worker_logs import tag_worker_output
 
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()
+    tag_worker_output(rank)
     if config.get("set_threads", True):
         _set_thread_share(train_context)
     job: TrainingJob = ray.get(config["job"])

@@ -1,0 +1,59 @@
+"""Worker output as it reaches `ray job logs`: each line tagged with the worker's rank, no progress bars.
+
+Ray prefixes worker lines with `(RayTrainWorker pid=...)`, which does not say which rank spoke. Workers
+never write to a terminal, so redrawn progress bars would only fill the log with carriage returns.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from typing import TextIO
+
+
+class RankPrefixedStream(io.TextIOBase):
+    """A text stream that writes to `stream`, starting every line with `prefix`."""
+
+    def __init__(self, stream: TextIO, prefix: str):
+        self.stream, self.prefix = stream, prefix
+        self.at_line_start = True
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            pieces = []
+            for line in text.splitlines(keepends=True):
+                if self.at_line_start:
+                    pieces.append(self.prefix)
+                pieces.append(line)
+                self.at_line_start = line.endswith(("\n", "\r"))
+            self.stream.write("".join(pieces))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+def tag_worker_output(rank: int) -> None:
+    """Prefix this worker process's stdout/stderr lines with `[rank N]` and turn off HF progress bars."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, RankPrefixedStream):  # a worker process reused for another command
+            stream = stream.stream
+        setattr(sys, name, RankPrefixedStream(stream, f"[rank {rank}] "))
