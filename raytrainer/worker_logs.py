@@ -7,6 +7,7 @@ never write to a terminal, so redrawn progress bars would only fill the log with
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import threading
 from typing import TextIO
@@ -52,8 +53,29 @@ def tag_worker_output(rank: int) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    tagged_by_fd = {}
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if isinstance(stream, RankPrefixedStream):  # a worker process reused for another command
             stream = stream.stream
-        setattr(sys, name, RankPrefixedStream(stream, f"[rank {rank}] "))
+        tagged = RankPrefixedStream(stream, f"[rank {rank}] ")
+        setattr(sys, name, tagged)
+        tagged_by_fd[_identity(stream)] = tagged
+    # Logging handlers made at import (transformers', Ray's) hold an untagged stream: retarget them.
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if type(handler) is logging.StreamHandler:  # not FileHandler; _StderrHandler follows sys.stderr
+                stream = handler.stream
+                if isinstance(stream, RankPrefixedStream):
+                    stream = stream.stream
+                tagged = tagged_by_fd.get(_identity(stream))
+                if tagged is not None:
+                    handler.setStream(tagged)
+
+
+def _identity(stream) -> tuple:
+    """Streams on the same file descriptor are the same output (Ray wraps fd 1 and 2 more than once)."""
+    try:
+        return ("fd", stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return ("object", id(stream))

@@ -124,6 +124,9 @@ def start_local_ray_head(num_cpus: int = 4, timeout: float = 180) -> LocalRayHea
                         dashboard_url=dashboard_url, token=token, env=env)
     try:
         _wait_for_job_server(head, timeout)
+        # Jobs with a runtime env (working_dir) need the node's agents, which start after the job server.
+        _wait_for_listeners(head, [ports["--runtime-env-agent-port"], ports["--dashboard-agent-listen-port"]],
+                            timeout)
     except BaseException:
         head.stop()
         raise
@@ -147,6 +150,29 @@ def _wait_for_job_server(head: LocalRayHead, timeout: float) -> None:
             time.sleep(1)
     raise TimeoutError(f"the job server at {head.dashboard_url} did not come up in {timeout}s: {error}\n"
                        + (head.root / "ray-start.log").read_text()[-4000:])
+
+
+def _wait_for_listeners(head: LocalRayHead, ports: list[int], timeout: float) -> None:
+    """Wait until this head's own processes listen on `ports` (not some other program on the machine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listening = {c.laddr.port: c.pid for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN"}
+        pids = {p.pid for p in head.owned_processes()}  # after: a listener that just started is included
+        strangers = [port for port in ports if port in listening and listening[port] not in pids]
+        if strangers:
+            owners = {port: _describe(listening[port]) for port in strangers}
+            raise RuntimeError(f"ports taken by another program before the Ray head bound them: {owners}")
+        if all(port in listening for port in ports):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray head's agents did not listen on {ports} within {timeout}s")
+
+
+def _describe(pid: int | None) -> str:
+    try:
+        return f"pid {pid}: {' '.join(psutil.Process(pid).cmdline())[:300]}"
+    except (psutil.NoSuchProcess, TypeError, ValueError):
+        return f"pid {pid}"
 
 
 def wait_for_job(client, job_id: str, statuses: set, timeout: float = 300) -> str:

@@ -22,8 +22,6 @@ from safetensors.torch import load_file
 from _cluster_fixtures import LocalRayHead, start_local_ray_head, wait_for_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
-# Tiny and fast: 2 workers, few steps, short sequences.
-QUICK = ["--set", "max_steps=6", "--set", "save_steps=3", "--set", "eval_steps=3", "--set", "logging_steps=1"]
 
 DRIVER = """
 import json, ray
@@ -83,61 +81,56 @@ def assert_complete_checkpoint(path: Path, step: int) -> dict:
     return state
 
 
-def test_cli_job_submit_trains_and_writes_checkpoints(head, working_dir, tmp_path):
-    output_dir = tmp_path / "cli-run"
-    result = head.ray("job", "submit", "--working-dir", str(working_dir), "--", "raytrainer", "train", "job.yaml",
-                      "--set", f"output_dir={output_dir}", *QUICK)
-    assert result.returncode == 0, result.stdout + result.stderr
-    job_id = re.search(r"Job '(raysubmit_\w+)' submitted", result.stdout + result.stderr).group(1)
-    assert "SUCCEEDED" in head.ray("job", "status", job_id).stdout + head.ray("job", "status", job_id).stderr
-
-    assert sorted(checkpoints(output_dir)) == [3, 6]
-    state = assert_complete_checkpoint(checkpoints(output_dir)[6], 6)
-    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert len(losses) == 6 and all(loss > 0 for loss in losses)
-    assert any("eval_loss" in entry for entry in state["log_history"])
-    metrics = json.loads((output_dir / "train_results.json").read_text())
-    assert metrics["train_loss"] > 0 and "train_runtime" in metrics
-    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
-
-    logs = head.ray("job", "logs", job_id).stdout
-    assert "raytrainer: trained 6 steps" in logs
-    assert re.search(r"rank[ =]?[01]", logs, re.IGNORECASE), "worker output must carry rank prefixes"
-    assert "\r" not in logs, "progress must be plain log lines, not a terminal progress bar, in job logs"
+def submitted_job_id(cli_output: str) -> str:
+    return re.search(r"Job '(raysubmit_\w+)' submitted", cli_output).group(1)
 
 
-def test_job_stop_keeps_last_checkpoint_resumable(head, working_dir, tmp_path):
+def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
+    """`ray job submit` a run, `ray job stop` it mid-run, resume it with JobSubmissionClient to SUCCEEDED."""
     from ray.job_submission import JobStatus
 
     jobs = client(head)
-    output_dir = tmp_path / "stopped-run"
-    entrypoint = (f"raytrainer train job.yaml --set output_dir={output_dir} --set max_steps=1000 "
-                  "--set save_steps=2 --set eval_strategy=no --set logging_steps=1")
-    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
+    output_dir = tmp_path / "run"
+    settings = ["--set", f"output_dir={output_dir}", "--set", "save_steps=2", "--set", "eval_steps=4",
+                "--set", "logging_steps=1", "--set", "save_total_limit=3"]
+    submitted = head.ray("job", "submit", "--no-wait", "--working-dir", str(working_dir), "--",
+                         "raytrainer", "train", "job.yaml", *settings, "--set", "max_steps=1000", check=False)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted_job_id(submitted.stdout + submitted.stderr)
     deadline = time.monotonic() + 240
     while len(checkpoints(output_dir)) < 2:  # stop once a checkpoint is surely complete and more are coming
         assert time.monotonic() < deadline, jobs.get_job_logs(job_id)[-3000:]
         assert not jobs.get_job_status(job_id).is_terminal(), jobs.get_job_logs(job_id)[-3000:]
         time.sleep(0.5)
-    stop = head.ray("job", "stop", job_id)
+    stop = head.ray("job", "stop", job_id, check=False)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert wait_for_job(jobs, job_id, {JobStatus.STOPPED}, timeout=120) == JobStatus.STOPPED
 
     saved = checkpoints(output_dir)
-    assert saved and max(saved) < 1000
     last_step = max(saved)
+    assert last_step < 1000 and not (output_dir / "train_results.json").exists()
     for step, path in saved.items():  # a stop never leaves a checkpoint that looks complete but is not
         assert_complete_checkpoint(path, step)
 
-    resumed = jobs.submit_job(
-        entrypoint=f"{entrypoint.replace('max_steps=1000', f'max_steps={last_step + 2}')} "
-                   "--set resume_from_checkpoint=true",
-        runtime_env={"working_dir": str(working_dir)})
+    entrypoint = " ".join(["raytrainer", "train", "job.yaml", *settings, "--set", f"max_steps={last_step + 4}",
+                           "--set", "resume_from_checkpoint=true"])
+    resumed = jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
     assert wait_for_job(jobs, resumed, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(resumed)
-    final = assert_complete_checkpoint(checkpoints(output_dir)[last_step + 2], last_step + 2)
+
+    final = assert_complete_checkpoint(checkpoints(output_dir)[last_step + 4], last_step + 4)
     logged_steps = [entry["step"] for entry in final["log_history"] if "loss" in entry]
-    assert logged_steps[-2:] == [last_step + 1, last_step + 2]
-    assert json.loads((output_dir / "train_results.json").read_text())["train_loss"] > 0
+    assert logged_steps[:last_step] == list(range(1, last_step + 1))  # the history before the stop is kept
+    assert logged_steps[-4:] == list(range(last_step + 1, last_step + 5))
+    assert any("eval_loss" in entry for entry in final["log_history"])
+    metrics = json.loads((output_dir / "train_results.json").read_text())
+    assert metrics["train_loss"] > 0 and "train_runtime" in metrics
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+
+    logs = head.ray("job", "logs", resumed).stdout
+    assert f"raytrainer: trained {last_step + 4} steps" in logs
+    assert re.search(r"\(RayTrainWorker pid=\d+[^)]*\) \[rank [01]\] ", logs), "worker lines need rank prefixes"
+    assert "[raytrainer] train step" in logs, "progress must become log lines outside a terminal"
+    assert "\r" not in logs, "no terminal progress bars in job logs"
 
 
 def driver_report(output: str) -> dict:

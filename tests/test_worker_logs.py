@@ -1,6 +1,7 @@
 """Worker output lines carry the worker's rank."""
 
 import io
+import logging
 import sys
 
 from raytrainer.worker_logs import RankPrefixedStream, tag_worker_output
@@ -28,8 +29,14 @@ def test_tag_worker_output_wraps_stdout_and_stderr_once(monkeypatch):
         tag_worker_output(3)  # a reused worker process: re-tagged, not prefixed twice
         print("hello")
         print("oops", file=sys.stderr)
+        handler = logging.StreamHandler(err)  # made before tagging, like transformers' own handler
+        logger = logging.getLogger("raytrainer.test_worker_logs")
+        logger.addHandler(handler)
+        tag_worker_output(3)
+        logger.warning("careful")
+        logger.removeHandler(handler)
         assert not transformers.utils.logging.is_progress_bar_enabled()
     finally:  # this test process is not a worker: give its progress bars back
         transformers.utils.logging.enable_progress_bar()
         datasets.enable_progress_bars()
-    assert out.getvalue() == "[rank 3] hello\n" and err.getvalue() == "[rank 3] oops\n"
+    assert out.getvalue() == "[rank 3] hello\n" and err.getvalue() == "[rank 3] oops\n[rank 3] careful\n"
