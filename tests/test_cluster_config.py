@@ -46,6 +46,8 @@ def test_cloud_config_autoscales_gpu_workers_with_shared_storage():
     assert config["docker"]["image"].startswith("rayproject/ray:") and config["docker"]["image"].endswith("gpu")
     assert any("mount" in command for command in config["initialization_commands"])
     assert any("/mnt/cluster_storage" in option for option in config["docker"]["run_options"])
+    # GPU nodes start at 0: the drivers must know the cluster grows, or a GPU job is refused as too big.
+    assert any("RAYTRAINER_CLUSTER_AUTOSCALES=1" in c and "--head" in c for c in config["head_start_ray_commands"])
 
 
 def test_local_config_uses_the_local_provider():
