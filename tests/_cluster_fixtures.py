@@ -153,26 +153,16 @@ def _wait_for_job_server(head: LocalRayHead, timeout: float) -> None:
 
 
 def _wait_for_listeners(head: LocalRayHead, ports: list[int], timeout: float) -> None:
-    """Wait until this head's own processes listen on `ports` (not some other program on the machine)."""
+    """Wait until something listens on each of `ports` (the head's agents start after its job server)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listening = {c.laddr.port: c.pid for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN"}
-        pids = {p.pid for p in head.owned_processes()}  # after: a listener that just started is included
-        strangers = [port for port in ports if port in listening and listening[port] not in pids]
-        if strangers:
-            owners = {port: _describe(listening[port]) for port in strangers}
-            raise RuntimeError(f"ports taken by another program before the Ray head bound them: {owners}")
+        listening = {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN"}
         if all(port in listening for port in ports):
             return
+        if head.process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.process.returncode}")
         time.sleep(1)
     raise TimeoutError(f"the Ray head's agents did not listen on {ports} within {timeout}s")
-
-
-def _describe(pid: int | None) -> str:
-    try:
-        return f"pid {pid}: {' '.join(psutil.Process(pid).cmdline())[:300]}"
-    except (psutil.NoSuchProcess, TypeError, ValueError):
-        return f"pid {pid}"
 
 
 def wait_for_job(client, job_id: str, statuses: set, timeout: float = 300) -> str:

@@ -126,7 +126,8 @@ def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
     assert metrics["train_loss"] > 0 and "train_runtime" in metrics
     assert (output_dir / "model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
 
-    logs = head.ray("job", "logs", resumed).stdout
+    logs = re.sub(r"\x1b\[[0-9;]*m", "", head.ray("job", "logs", resumed).stdout)  # without terminal colours
+    (tmp_path / "resumed-job.log").write_text(logs)
     assert f"raytrainer: trained {last_step + 4} steps" in logs
     assert re.search(r"\(RayTrainWorker pid=\d+[^)]*\) \[rank [01]\] ", logs), "worker lines need rank prefixes"
     assert "[raytrainer] train step" in logs, "progress must become log lines outside a terminal"
