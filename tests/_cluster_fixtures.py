@@ -96,8 +96,22 @@ class LocalRayHead:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_local_ray_head(num_cpus: int = 4, timeout: float = 180) -> LocalRayHead:
-    """Start a token-authenticated Ray head with a private temp dir and free ports; wait until jobs can run."""
+def start_local_ray_head(num_cpus: int = 4, timeout: float = 180, attempts: int = 3) -> LocalRayHead:
+    """Start a token-authenticated Ray head with a private temp dir and free ports; wait until jobs can run.
+
+    On a busy machine another program can take one of the chosen ports before Ray binds it (Ray then
+    exits); the head is started again with fresh ports, up to `attempts` times.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_local_ray_head(num_cpus, timeout)
+        except RuntimeError as error:
+            if attempt == attempts:
+                raise
+            print(f"Ray head start {attempt} failed, retrying with fresh ports: {error}", file=sys.stderr)
+
+
+def _start_local_ray_head(num_cpus: int, timeout: float) -> LocalRayHead:
     # A short path: Ray's unix sockets live under it and must stay below ~107 characters.
     root = Path(tempfile.mkdtemp(prefix="rtjob-", dir="/tmp"))
     # `ray get-auth-token --generate` writes ~/.ray/auth_token; a private HOME keeps the token to this head.
@@ -160,7 +174,8 @@ def _wait_for_listeners(head: LocalRayHead, ports: list[int], timeout: float) ->
         if all(port in listening for port in ports):
             return
         if head.process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.process.returncode}")
+            raise RuntimeError(f"ray start exited with {head.process.returncode}:\n"
+                               + (head.root / "ray-start.log").read_text()[-3000:])
         time.sleep(1)
     raise TimeoutError(f"the Ray head's agents did not listen on {ports} within {timeout}s")
 
