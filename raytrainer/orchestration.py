@@ -176,8 +176,11 @@ def worker_main(config: dict) -> None:
     job.eval_dataset = _materialize(job.eval_dataset, "eval")
     command: Command = config["command"]
     command.kwargs = {k: _materialize(v, k) for k, v in command.kwargs.items()}
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (gather_object, barriers) use the current device
     context = WorkerContext(rank=rank, world_size=train_context.get_world_size(),
-                            local_rank=train_context.get_local_rank(), device=ray.train.torch.get_device())
+                            local_rank=train_context.get_local_rank(), device=device)
     if rank != 0:
         _quiet_replica(job.args)
     reporter = RayReporter(config["channel"], rank, config["persist_checkpoints"])

@@ -64,3 +64,16 @@ def test_save_total_limit_keeps_the_newest_and_resume_true_takes_the_last(tmp_pa
     with pytest.raises(ValueError, match="No valid checkpoint"):
         Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "empty")),
                 train_dataset=data).train(resume_from_checkpoint=True)
+
+
+def test_storage_path_persists_checkpoints_through_ray_train_and_tensorboard_logs(tmp_path):
+    storage = tmp_path / "shared-storage"
+    trainer = Trainer(model=RegressionModel(), args=TrainingArguments(**settings(
+        tmp_path, "rt", storage_path=str(storage), report_to=["tensorboard"], max_steps=8)),
+        train_dataset=regression_dataset(40))
+    trainer.train()
+    persisted = [os.path.join(root, d) for root, dirs, _ in os.walk(storage) for d in dirs if d.startswith("checkpoint-")]
+    assert sorted(os.path.basename(p) for p in persisted) == ["checkpoint-4", "checkpoint-8"]
+    assert all(os.path.isfile(os.path.join(p, "model.safetensors")) for p in persisted)
+    events = [f for _, _, files in os.walk(tmp_path / "rt") for f in files if f.startswith("events.out.tfevents")]
+    assert events, "report_to=tensorboard wrote no event file"

@@ -77,7 +77,7 @@ def test_one_worker_matches_transformers_train_evaluate_predict(tmp_path):
 
 
 def test_two_workers_batch_b_equal_one_process_batch_2b(tmp_path):
-    data, odd = regression_dataset(60), regression_dataset(13, seed=2)
+    data, odd = regression_dataset(64), regression_dataset(13, seed=2)  # a whole number of global batches
     theirs, _ = run_transformers(
         RegressionModel(), transformers.TrainingArguments(**settings(tmp_path, "hf", gradient_accumulation_steps=2,
                                                                      num_train_epochs=10)), train_dataset=data)
