@@ -25,7 +25,7 @@ demo: venv
 	$(PY) examples/demo.py
 
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --basetemp=$(CURDIR)/.pytest_tmp
 
 bench: venv
 	$(PY) bench/trainer_overhead.py

@@ -10,15 +10,9 @@ from tqdm.auto import tqdm
 
 
 def format_logs(logs: dict) -> dict:
-    """transformers' display format: 4 significant digits, epoch rounded, no total_flos."""
-    shown = {}
-    for key, value in logs.items():
-        if key == "total_flos":
-            continue
-        if key == "epoch" and isinstance(value, float):
-            value = round(value, 2)
-        shown[key] = format(value, ".4g") if isinstance(value, float) else value
-    return shown
+    """transformers' display format (PrinterCallback/ProgressCallback): floats to 4 digits, no total_flos."""
+    return {key: format(value, ".4g") if isinstance(value, float) else value
+            for key, value in logs.items() if key != "total_flos"}
 
 
 class DriverProgress:
