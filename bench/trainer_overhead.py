@@ -21,6 +21,7 @@ Usage: python bench/trainer_overhead.py [--quick] [--repeats 3] [--variants abcd
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -47,22 +48,26 @@ CHILD_TIMEOUT_S = 900
 
 
 class StepTimesCallback(TrainerCallback):
-    """Records the wall-clock end of every optimizer step and, at the end of each train(), appends one
-    JSON line to `path` (main process only). Works on remote workers of this machine: the file is local."""
+    """Records the end of every optimizer step (wall clock, and this process's CPU time, which a busy
+    machine disturbs less) and, at the end of each train(), appends one JSON line to `path` (main
+    process only). Works on remote workers of this machine: the file is local."""
 
     def __init__(self, path: str):
         self.path = path
         self.step_ends: list[float] = []
+        self.step_end_cpu_times: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.step_ends = []
+        self.step_ends, self.step_end_cpu_times = [], []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_ends.append(time.time())
+        self.step_end_cpu_times.append(time.process_time())
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            record = {"step_ends": self.step_ends, "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+            record = {"step_ends": self.step_ends, "step_end_cpu_times": self.step_end_cpu_times,
+                      "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
             with open(self.path, "a") as file:
                 file.write(json.dumps(record) + "\n")
 
@@ -72,7 +77,7 @@ class StepTimesCallback(TrainerCallback):
 def build_workload(options) -> dict:
     """Data, model config and training arguments shared by all variants (built before any clock)."""
     blocks_needed = options.steps * options.batch
-    tokens_per_document = 8 * 9  # 8 sentences of about 9 tokens
+    tokens_per_document = 40  # 8 sentences of 6 to 8 tokens, rounded down
     num_documents = blocks_needed * options.seq_len // tokens_per_document + 64
     documents = tiny_corpus.generate_documents(num_documents, seed=options.seed)
     tokenizer = tiny_corpus.train_tokenizer(documents[:2000], vocab_size=options.vocab_size)
@@ -163,18 +168,23 @@ def timed(function):
 VARIANTS = {
     "a": run_transformers,
     "b": run_ray_recipe,
-    "c": lambda *a: run_raytrainer(*a, num_workers=1),
-    "d": lambda *a: run_raytrainer(*a, num_workers=2),
+    "c": functools.partial(run_raytrainer, num_workers=1),
+    "d": functools.partial(run_raytrainer, num_workers=2),
 }
 
 
 # ----------------------------------------------------------------------------- measuring
 
+def median_interval(times, skip):
+    intervals = [later - earlier for earlier, later in zip(times, times[1:])][skip:]
+    return statistics.median(intervals) if intervals else float("nan")
+
+
 def summarize_call(started, returned, step_record, warmup_steps):
     step_ends = step_record["step_ends"]
-    intervals = [later - earlier for earlier, later in zip(step_ends, step_ends[1:])][warmup_steps:]
     return {"first_step_s": step_ends[0] - started,
-            "step_s": statistics.median(intervals) if intervals else float("nan"),
+            "step_s": median_interval(step_ends, warmup_steps),
+            "step_cpu_s": median_interval(step_record["step_end_cpu_times"], warmup_steps),
             "end_to_end_s": returned - started, "steps": len(step_ends),
             "torch_threads": step_record["torch_threads"]}
 
@@ -249,14 +259,15 @@ def print_report(measurements, errors, options, workload):
           f"seq {options.seq_len}, global batch {options.batch}, {options.steps} steps, dropout off\n")
     print(f"{os.cpu_count()} CPUs; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"medians of {options.repeats} repeat(s), each in a fresh process with a cold Ray; "
-          f"step time = median step interval after {options.warmup_steps} warm-up steps; "
+          f"step time = median step interval after {options.warmup_steps} warm-up steps (step CPU: the same "
+          f"in CPU seconds of the process that runs rank 0); "
           f"checkpoint at the end: {'yes' if options.save_checkpoint else 'no'}; "
           f"load average before/after: {options.load_before:.1f}/{os.getloadavg()[0]:.1f}.\n")
     header = ["variant", "first step s", "step s", "end-to-end s", "first step ÷(a)", "step ÷(a)",
               "end-to-end ÷(a)", "first step ÷(b)", "step ÷(b)", "end-to-end ÷(b)"]
     if options.warm:
         header += ["2nd call: first step s", "2nd call: end-to-end s"]
-    header += ["torch threads"]
+    header += ["step CPU s", "torch threads"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     reference_a, reference_b = medians.get("a", {}), medians.get("b", {})
@@ -270,6 +281,7 @@ def print_report(measurements, errors, options, workload):
             cells += [format_ratio(row[key], reference.get(key)) for key in row]
         if options.warm:
             cells += [format_seconds(second[variant][key]) for key in ("first_step_s", "end_to_end_s")]
+        cells.append(format_seconds(median_of(measurements[variant], 0, "step_cpu_s")))
         cells.append(str(measurements[variant][0][0]["torch_threads"]))
         print("| " + " | ".join(cells) + " |")
     for variant, messages in errors.items():
@@ -326,10 +338,9 @@ def parse_options(argv=None):
     parser.add_argument("--verbose", action="store_true", help="print the log of failed runs")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    if parser.parse_known_args(argv)[0].quick:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(layers=2, width=64, heads=2, seq_len=64, batch=4, steps=20, repeats=1, warmup_steps=3)
     options = parser.parse_args(argv)
-    if options.quick:
-        options.layers, options.width, options.heads, options.seq_len = 2, 64, 2, 64
-        options.batch, options.steps, options.repeats, options.warmup_steps = 4, 20, 1, 3
     unknown = set(options.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants {options.variants!r}: unknown {sorted(unknown)}; choose from 'abcd'")
