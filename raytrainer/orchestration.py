@@ -42,11 +42,9 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **options)
         return
-    try:  # a cluster started on this machine with `ray start`
-        ray.init(address="auto", **options)
-        return
-    except (ConnectionError, RuntimeError, ValueError):
-        pass
+    # With no address, ray.init() joins the cluster that `ray start` recorded on this machine, or else
+    # starts an embedded one. Not address="auto": that also joins any other program's embedded Ray
+    # that it finds among the machine's processes (and dies with that program).
     ray.init(**options)
     _EMBEDDED["started"] = True
 
