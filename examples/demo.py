@@ -7,7 +7,7 @@ demand, or the cluster in RAY_ADDRESS is used). It prints eval loss and perplexi
 training, saves the model, loads it back with `AutoModelForCausalLM.from_pretrained`, generates from
 a few prompts, and writes the loss curve to `<output-dir>/loss_curve.png`.
 
-    python examples/demo.py [--output-dir demo_output] [--num-workers 2] [--max-steps 300]
+    python examples/demo.py [--output-dir demo_output] [--num-workers 2] [--max-steps 200]
 """
 
 import argparse
@@ -35,7 +35,7 @@ def parse_options():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo_output")
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--block-length", type=int, default=64, help="tokens per training example")
     return parser.parse_args()
 
