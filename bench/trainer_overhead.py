@@ -50,15 +50,19 @@ CHILD_TIMEOUT_S = 900
 class StepTimesCallback(TrainerCallback):
     """Records the end of every optimizer step (wall clock, and this process's CPU time, which a busy
     machine disturbs less) and, at the end of each train(), appends one JSON line to `path` (main
-    process only). Works on remote workers of this machine: the file is local."""
+    process only). Works on remote workers of this machine: the file is local. With `torch_threads`,
+    it sets the process's torch threads at train begin, after any framework chose its own."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, torch_threads: int = 0):
         self.path = path
+        self.torch_threads = torch_threads
         self.step_ends: list[float] = []
         self.step_end_cpu_times: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.step_ends, self.step_end_cpu_times = [], []
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_ends.append(time.time())
@@ -195,7 +199,8 @@ def child_main(options):
     with tempfile.TemporaryDirectory(prefix="bench-") as work_dir:
         steps_file = os.path.join(work_dir, "step_times.jsonl")
         calls = VARIANTS[options.child](workload, os.path.join(work_dir, "out"),
-                                        StepTimesCallback(steps_file), 2 if options.warm else 1)
+                                        StepTimesCallback(steps_file, options.torch_threads),
+                                        2 if options.warm else 1)
         records = [json.loads(line) for line in Path(steps_file).read_text().splitlines()]
     if len(records) != len(calls):
         raise RuntimeError(f"expected {len(calls)} step-time records, got {len(records)}")
@@ -336,9 +341,10 @@ def parse_options(argv=None):
     parser.add_argument("--no-checkpoint", dest="save_checkpoint", action="store_false",
                         help="do not save a checkpoint at the last step (default: save one, in every variant)")
     parser.add_argument("--torch-threads", type=int, default=1,
-                        help="OMP_NUM_THREADS for every variant, so that steps compare like with like "
-                             "(default 1, what Ray gives a 1-CPU worker; 0 = each framework's own choice: "
-                             "all cores in-process, which a busy machine slows down many times)")
+                        help="torch threads in every variant (OMP_NUM_THREADS, and torch.set_num_threads at "
+                             "train begin), so that steps compare like with like (default 1, what Ray gives a "
+                             "1-CPU worker; 0 = each framework's own choice: all cores in-process and in "
+                             "raytrainer, 1 in Ray's recipe; a busy machine slows 2 threads down many times)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--quick", action="store_true", help="small smoke run: 2×64 GPT-2, 20 steps, 1 repeat")
     parser.add_argument("--json-out", help="also write every measurement to this JSON file")
