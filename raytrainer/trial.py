@@ -105,7 +105,8 @@ def run_trial(config: dict, trial_job: TrialJob) -> None:
                 break
             if not any(key.startswith("eval_") for key in metrics):
                 continue  # a save without evaluation: nothing to score
-            tune.report(*_tune_result(trial_job, metrics, checkpoint_path))
+            result, checkpoint = _tune_result(trial_job, metrics, checkpoint_path)
+            tune.report(result, checkpoint=checkpoint)
     finally:
         if not thread.is_alive():
             reports.shutdown()
@@ -115,7 +116,8 @@ def run_trial(config: dict, trial_job: TrialJob) -> None:
 
 def _tune_result(trial_job: TrialJob, metrics: dict, checkpoint_path: str | None) -> tuple[dict, Any]:
     result = dict(metrics)
-    objective = trial_job.compute_objective(dict(metrics))
+    # compute_objective sees what transformers' evaluate() returns: the eval metrics and the epoch.
+    objective = trial_job.compute_objective({k: v for k, v in metrics.items() if k != "step"})
     if not isinstance(objective, (int, float)):
         raise TypeError(f"compute_objective returned {objective!r} ({type(objective).__name__}): it must return "
                         "one number computed from the evaluation metrics.")

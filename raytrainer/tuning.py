@@ -458,7 +458,7 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
 
 def check_callbacks_picklable(trainer: Any) -> None:
     """Every callback travels to the trials' workers: name the ones that cannot."""
-    import cloudpickle
+    import ray.cloudpickle as cloudpickle
 
     broken = []
     for callback in trainer._worker_callbacks():
