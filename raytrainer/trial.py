@@ -10,12 +10,14 @@ checkpoint, which the trial passes to the workers as `resume_from_checkpoint`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import uuid
 from typing import Any, Callable
 
 from ray import tune
+from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 from transformers import TrainerCallback
@@ -57,14 +59,28 @@ class SaveAtEachEvaluation(TrainerCallback):
 
 
 class ForwardReports(UserCallback):
-    """Runs in the Ray Train controller: passes rank 0's metrics and the checkpoint path of every report to the
-    trial (the checkpoint is the one Ray Train persisted, so the path is valid on the trial's node too)."""
+    """Runs in the Ray Train controller: passes rank 0's metrics and the checkpoint of every report to the trial."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put((dict(metrics[0]), checkpoint.path if checkpoint is not None else None))
+        self.queue.put((dict(metrics[0]), checkpoint_location(checkpoint)))
+
+
+def checkpoint_location(checkpoint: Checkpoint | None) -> str | None:
+    """Where a reported checkpoint's transformers-layout folder is: the `output_dir/checkpoint-<step>` folder that
+    Ray Train's pointer names (runs without storage_path), or the copy Ray Train persisted (a path or a URI)."""
+    if checkpoint is None:
+        return None
+    filesystem = checkpoint.filesystem
+    if filesystem is None or filesystem.type_name == "local":
+        pointer = os.path.join(checkpoint.path, orchestration.POINTER_NAME)
+        if os.path.isfile(pointer):
+            with open(pointer) as file:
+                return json.load(file)["path"]
+        return checkpoint.path
+    return f"{filesystem.type_name}://{checkpoint.path}"
 
 
 def trial_arguments(trial_job: TrialJob, config: dict, trial_id: str) -> Any:
@@ -125,7 +141,7 @@ def _tune_result(trial_job: TrialJob, metrics: dict, checkpoint_path: str | None
     result[CHECKPOINT_PATH] = checkpoint_path
     checkpoint = None
     if trial_job.report_checkpoints and checkpoint_path is not None:
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_path)
+        checkpoint = tune.Checkpoint(checkpoint_path)  # a local folder or a URI (s3://, gs://, ...)
     return result, checkpoint
 
 

@@ -60,13 +60,18 @@ class BestRun(NamedTuple):
     def load_model(self, trainer: Any) -> Any:
         """Set `trainer.model` to the best trial's model: `model_init(hyperparameters)` with the weights of
         `checkpoint`. `trainer.evaluate()` then scores it (its eval loss is `objective` by default)."""
+        from ray.train import Checkpoint
+
         from raytrainer import checkpoints
 
-        if self.checkpoint is None or not os.path.isdir(self.checkpoint):
+        folder = self.checkpoint
+        if folder is not None and "://" in folder:  # persisted to remote storage (storage_path="s3://...")
+            folder = Checkpoint(folder).to_directory()
+        if folder is None or not os.path.isdir(folder):
             raise ValueError(f"The best run's checkpoint {self.checkpoint!r} does not exist (deleted, or on another "
                              "machine's disk): set storage_path to shared storage to keep trial checkpoints.")
         model = trainer.call_model_init(self.hyperparameters)
-        checkpoints.load_model_weights(model, self.checkpoint)
+        checkpoints.load_model_weights(model, folder)
         trainer.model = model
         return model
 
@@ -309,19 +314,22 @@ def format_hyperparameters(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
-def trial_status(trial: Any) -> str:
+def trial_status(trial: Any, stopped: set[str]) -> str:
     if trial.status == "ERROR":
         return "error"
-    return "completed" if (trial.last_result or {}).get("done") else "stopped early"
+    if trial.trial_id in stopped:
+        return "stopped early"
+    return "completed" if trial.status == "TERMINATED" else trial.status.lower()
 
 
-def results_table(trials: list[Any], results: dict[str, list[dict]], mode: str, scope: str) -> str:
+def results_table(trials: list[Any], results: dict[str, list[dict]], stopped: set[str], mode: str,
+                  scope: str) -> str:
     """A markdown table of all trials, best objective first (trials without an objective last)."""
     rows = []
     for trial in trials:
         best = trial_score(results.get(trial.trial_id, []), mode, scope)
         objective = best[OBJECTIVE] if best else None
-        rows.append((objective, trial.trial_id, trial_status(trial), len(results.get(trial.trial_id, [])),
+        rows.append((objective, trial.trial_id, trial_status(trial, stopped), len(results.get(trial.trial_id, [])),
                      format_hyperparameters(trial.config)))
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda row: (row[0] is None, sign * row[0] if row[0] is not None else 0))
@@ -339,10 +347,13 @@ def make_progress_callback(mode: str, scope: str, print_fn: Callable[[str], None
     class SearchProgress(tune.Callback):
         def __init__(self):
             self.results: dict[str, list[dict[str, Any]]] = {}
+            self.stopped: set[str] = set()  # trials a scheduler or stopper ended before their training did
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if OBJECTIVE in result:
                 self.results.setdefault(trial.trial_id, []).append(dict(result))
+            if result.get("done"):  # Tune marks the result it stops a trial on; a finished run's last is not
+                self.stopped.add(trial.trial_id)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._print(trial)
@@ -353,7 +364,7 @@ def make_progress_callback(mode: str, scope: str, print_fn: Callable[[str], None
         def _print(self, trial):
             best = trial_score(self.results.get(trial.trial_id, []), mode, scope)
             objective = f"{best[OBJECTIVE]:.6g}" if best else "-"
-            print_fn(f"[hyperparameter_search] trial {trial.trial_id} {trial_status(trial)}: objective={objective} "
+            print_fn(f"[hyperparameter_search] trial {trial.trial_id} {trial_status(trial, self.stopped)}: objective={objective} "
                      f"evaluations={len(self.results.get(trial.trial_id, []))} "
                      f"({format_hyperparameters(trial.config)})")
 
@@ -410,7 +421,7 @@ def hyperparameter_search(
     tune_kwargs["callbacks"] = [progress, *(tune_kwargs.get("callbacks") or [])]
     analysis = tune.run(tune.with_parameters(run_trial, trial_job=trial_job), config=settings.param_space,
                         num_samples=n_trials, **tune_kwargs)
-    return summarize_search(analysis, progress.results, settings.mode, settings.scope)
+    return summarize_search(analysis, progress.results, progress.stopped, settings.mode, settings.scope)
 
 
 def is_population_based(scheduler: Any) -> bool:
@@ -483,11 +494,11 @@ def build_shared_job(trainer: Any) -> tuple[Any, dict]:
     return job, ray_datasets
 
 
-def summarize_search(analysis: Any, results: dict[str, list[dict]], mode: str, scope: str,
+def summarize_search(analysis: Any, results: dict[str, list[dict]], stopped: set[str], mode: str, scope: str,
                      print_fn: Callable[[str], None] = print) -> BestRun:
     """Pick the best trial, print the table of all trials, and return the BestRun."""
     trials = list(analysis.trials)
-    print_fn(results_table(trials, results, mode, scope))
+    print_fn(results_table(trials, results, stopped, mode, scope))
     scored = [(trial, trial_score(results.get(trial.trial_id, []), mode, scope)) for trial in trials]
     scored = [(trial, result) for trial, result in scored if result is not None]
     if not scored:

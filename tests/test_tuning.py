@@ -57,7 +57,8 @@ def test_asha_stops_a_trial_early_and_finds_the_best(ray_session, tmp_path):
 
 def test_pbt_exploit_restores_a_better_trials_checkpoint(ray_session, tmp_path):
     trainer = make_trainer(tmp_path, eval_steps=2, logging_steps=2)
-    scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=4,
+    # synch: both trials meet at the 6th evaluation (however late one starts), the worse one exploits the better.
+    scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=6, synch=True,
                                         hyperparam_mutations={"learning_rate": [SLOW_LR, GOOD_LR]})
     best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, SLOW_LR), n_trials=1,
                                          scheduler=scheduler, scope="all")
@@ -73,3 +74,13 @@ def test_pbt_exploit_restores_a_better_trials_checkpoint(ray_session, tmp_path):
     first = restored.iloc[0]
     same_step = good[good["step"] == first["step"]]
     assert same_step["objective"].iloc[0] == pytest.approx(first["objective"], rel=1e-5)
+
+
+def test_train_again_with_the_best_hyperparameters(lr_search):
+    trainer, best = lr_search
+    best.apply_to(trainer)
+    assert trainer.args.learning_rate == GOOD_LR
+    trainer.train(trial=best.hyperparameters)
+    last_evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]
+    assert last_evaluation["step"] == 20
+    assert last_evaluation["eval_loss"] == pytest.approx(best.objective, rel=1e-6)  # same seed, same run

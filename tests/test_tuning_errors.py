@@ -146,12 +146,11 @@ def test_scope_picks_last_or_best_evaluation():
 
 def test_results_table_sorts_by_objective():
     class FakeTrial:  # only the attributes the table reads
-        def __init__(self, trial_id, status, done):
+        def __init__(self, trial_id, status):
             self.trial_id, self.status, self.config = trial_id, status, {"learning_rate": 0.1}
-            self.last_result = {"done": done}
 
-    trials = [FakeTrial("a", "TERMINATED", True), FakeTrial("b", "TERMINATED", False), FakeTrial("c", "ERROR", False)]
+    trials = [FakeTrial("a", "TERMINATED"), FakeTrial("b", "TERMINATED"), FakeTrial("c", "ERROR")]
     results = {"a": [{"objective": 2.0}], "b": [{"objective": 1.0}]}
-    lines = results_table(trials, results, "min", "last").splitlines()
+    lines = results_table(trials, results, {"b"}, "min", "last").splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["b", "a", "c"]
     assert "stopped early" in lines[2] and "completed" in lines[3] and "error" in lines[4]
