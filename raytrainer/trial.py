@@ -25,9 +25,8 @@ from transformers.trainer_utils import IntervalStrategy
 
 from raytrainer import checkpoints, orchestration
 from raytrainer.job import Command, TrainingJob
-from raytrainer.tuning import OBJECTIVE, apply_hyperparameters
+from raytrainer.tuning import CHECKPOINT_PATH, OBJECTIVE, apply_hyperparameters
 
-CHECKPOINT_PATH = "checkpoint_path"  # the metric key Ray's own Tune+Train integration uses
 _FINISHED = "__raytrainer_trial_finished__"
 
 

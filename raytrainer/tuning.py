@@ -21,6 +21,7 @@ from transformers.trainer_utils import default_compute_objective, default_hp_spa
 DIRECTIONS = {"minimize": "min", "maximize": "max"}
 SCOPES = ("last", "all")
 OBJECTIVE = "objective"
+CHECKPOINT_PATH = "checkpoint_path"  # the result key Ray's own Tune+Train integration uses
 # Ray fields that fix the shape of every trial; searching over them would change the resources per trial.
 UNSEARCHABLE_FIELDS = frozenset({"num_workers", "use_gpu", "resources_per_worker", "placement_strategy",
                                  "max_failures", "storage_path", "ray_address", "output_dir"})
@@ -48,7 +49,7 @@ class BestRun(NamedTuple):
             trains with them.
         run_summary: the `ray.tune.ExperimentAnalysis` of the whole search.
         checkpoint: the transformers-layout checkpoint directory saved at the evaluation that gave `objective`
-            (`trainer.load_best_run(best_run)` loads it into `trainer.model`); None if none was saved.
+            (`best_run.load_model(trainer)` loads it into `trainer.model`); None if none was saved.
     """
 
     run_id: str
@@ -296,81 +297,6 @@ def apply_hyperparameters(args: transformers.TrainingArguments, hyperparameters:
     return args
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-def trial_score(results: list[dict[str, Any]], mode: str, scope: str) -> dict[str, Any] | None:
-    """The result that scores a trial: its last evaluation, or its best one with scope="all"."""
-    scored = [r for r in results if isinstance(r.get(OBJECTIVE), (int, float)) and not math.isnan(r[OBJECTIVE])]
-    if not scored:
-        return None
-    if scope == "last":
-        return scored[-1]
-    pick = min if mode == "min" else max
-    return pick(scored, key=lambda r: r[OBJECTIVE])
-
-
-def format_hyperparameters(config: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
-
-
-def trial_status(trial: Any, stopped: set[str]) -> str:
-    if trial.status == "ERROR":
-        return "error"
-    if trial.trial_id in stopped:
-        return "stopped early"
-    return "completed" if trial.status == "TERMINATED" else trial.status.lower()
-
-
-def results_table(trials: list[Any], results: dict[str, list[dict]], stopped: set[str], mode: str,
-                  scope: str) -> str:
-    """A markdown table of all trials, best objective first (trials without an objective last)."""
-    rows = []
-    for trial in trials:
-        best = trial_score(results.get(trial.trial_id, []), mode, scope)
-        objective = best[OBJECTIVE] if best else None
-        rows.append((objective, trial.trial_id, trial_status(trial, stopped), len(results.get(trial.trial_id, [])),
-                     format_hyperparameters(trial.config)))
-    sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda row: (row[0] is None, sign * row[0] if row[0] is not None else 0))
-    lines = ["| trial | status | objective | evaluations | hyperparameters |", "|---|---|---|---|---|"]
-    for objective, trial_id, status, evaluations, hyperparameters in rows:
-        shown = f"{objective:.6g}" if objective is not None else "-"
-        lines.append(f"| {trial_id} | {status} | {shown} | {evaluations} | {hyperparameters} |")
-    return "\n".join(lines)
-
-
-def make_progress_callback(mode: str, scope: str, print_fn: Callable[[str], None] = print) -> Any:
-    """A Tune callback that keeps every trial's evaluations on the driver and prints one line per finished trial."""
-    from ray import tune
-
-    class SearchProgress(tune.Callback):
-        def __init__(self):
-            self.results: dict[str, list[dict[str, Any]]] = {}
-            self.stopped: set[str] = set()  # trials a scheduler or stopper ended before their training did
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if OBJECTIVE in result:
-                self.results.setdefault(trial.trial_id, []).append(dict(result))
-            if result.get("done"):  # Tune marks the result it stops a trial on; a finished run's last is not
-                self.stopped.add(trial.trial_id)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._print(trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._print(trial)
-
-        def _print(self, trial):
-            best = trial_score(self.results.get(trial.trial_id, []), mode, scope)
-            objective = f"{best[OBJECTIVE]:.6g}" if best else "-"
-            print_fn(f"[hyperparameter_search] trial {trial.trial_id} {trial_status(trial, self.stopped)}: objective={objective} "
-                     f"evaluations={len(self.results.get(trial.trial_id, []))} "
-                     f"({format_hyperparameters(trial.config)})")
-
-    return SearchProgress()
-
-
 # ---------------------------------------------------------------------------------------------- the search
 
 
@@ -416,6 +342,8 @@ def hyperparameter_search(
     trial_job = TrialJob(job=job, ray_datasets=ray_datasets, compute_objective=settings.compute_objective,
                          output_dir=os.path.abspath(trainer.args.output_dir), hp_name=hp_name,
                          report_checkpoints=is_population_based(settings.tune_kwargs.get("scheduler")))
+    from raytrainer.search_results import make_progress_callback, summarize_search
+
     progress = make_progress_callback(settings.mode, settings.scope)
     tune_kwargs = dict(settings.tune_kwargs)
     tune_kwargs["callbacks"] = [progress, *(tune_kwargs.get("callbacks") or [])]
@@ -492,22 +420,3 @@ def build_shared_job(trainer: Any) -> tuple[Any, dict]:
     job.train_dataset = orchestration.put_datasets(job.train_dataset, trainer._object_store_cache)
     job.eval_dataset = orchestration.put_datasets(job.eval_dataset, trainer._object_store_cache)
     return job, ray_datasets
-
-
-def summarize_search(analysis: Any, results: dict[str, list[dict]], stopped: set[str], mode: str, scope: str,
-                     print_fn: Callable[[str], None] = print) -> BestRun:
-    """Pick the best trial, print the table of all trials, and return the BestRun."""
-    trials = list(analysis.trials)
-    print_fn(results_table(trials, results, stopped, mode, scope))
-    scored = [(trial, trial_score(results.get(trial.trial_id, []), mode, scope)) for trial in trials]
-    scored = [(trial, result) for trial, result in scored if result is not None]
-    if not scored:
-        errors = [f"{trial.trial_id}: {trial.error_file or trial.status}" for trial in trials]
-        raise RuntimeError("No trial reported an objective, so there is no best run. Trial outcomes: "
-                           + "; ".join(errors))
-    pick = min if mode == "min" else max
-    trial, result = pick(scored, key=lambda pair: pair[1][OBJECTIVE])
-    from raytrainer.trial import CHECKPOINT_PATH
-
-    return BestRun(run_id=trial.trial_id, objective=result[OBJECTIVE], hyperparameters=dict(trial.config),
-                   run_summary=analysis, checkpoint=result.get(CHECKPOINT_PATH))

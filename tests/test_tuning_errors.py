@@ -9,8 +9,8 @@ from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 from transformers import TrainerCallback
 
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.tuning import (apply_hyperparameters, fill_metric_and_mode, plan_trial_resources, results_table,
-                               trial_score)
+from raytrainer.search_results import results_table, trial_score
+from raytrainer.tuning import apply_hyperparameters, fill_metric_and_mode, plan_trial_resources
 from _tuning_fixtures import RegressionModel, make_trainer, ray_session, regression_data  # noqa: F401
 
 
