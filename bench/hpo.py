@@ -71,6 +71,7 @@ def run_transformers(n_trials: int) -> dict:
                                        args=transformers.TrainingArguments(**common_args(output_dir)),
                                        train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1),
                                        callbacks=[EvaluationClock(start, records)])
+        trainer.pop_callback(transformers.trainer_callback.PrinterCallback)  # no per-log prints in the timing
         try:
             import optuna
 
@@ -129,10 +130,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=len(LEARNING_RATES))
     options = parser.parse_args()
 
-    from raytrainer.orchestration import ensure_ray
+    import os
 
+    import ray
+
+    # Our own local Ray sized to this machine (never a cluster another process started on it), without a dashboard;
+    # Ray Train's placement-group cleaner then must not ask another cluster's State API about our controller.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
     started = time.perf_counter()
-    ensure_ray()
+    ray.init(include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - started
     rows = []
     for repeat in range(options.repeats):

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from raytrainer.tuning import CHECKPOINT_PATH, OBJECTIVE, BestRun
 
+
 def trial_score(results: list[dict[str, Any]], mode: str, scope: str) -> dict[str, Any] | None:
     """The result that scores a trial: its last evaluation, or its best one with scope="all"."""
     scored = [r for r in results if isinstance(r.get(OBJECTIVE), (int, float)) and not math.isnan(r[OBJECTIVE])]
@@ -22,12 +23,14 @@ def format_hyperparameters(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
-def trial_status(trial: Any, stopped: set[str]) -> str:
+def trial_status(trial: Any, stopped: set[str], results: dict[str, list[dict]]) -> str:
+    """error / stopped early / completed. Tune flags the result it stops a trial on (`done`), also when a scheduler
+    stops a trial at its last evaluation (ASHA's max_t), so "early" also needs fewer evaluations than another trial."""
     if trial.status == "ERROR":
         return "error"
-    if trial.trial_id in stopped:
-        return "stopped early"
-    return "completed" if trial.status == "TERMINATED" else trial.status.lower()
+    evaluations = len(results.get(trial.trial_id, []))
+    most = max((len(r) for r in results.values()), default=0)
+    return "stopped early" if trial.trial_id in stopped and evaluations < most else "completed"
 
 
 def results_table(trials: list[Any], results: dict[str, list[dict]], stopped: set[str], mode: str,
@@ -37,7 +40,7 @@ def results_table(trials: list[Any], results: dict[str, list[dict]], stopped: se
     for trial in trials:
         best = trial_score(results.get(trial.trial_id, []), mode, scope)
         objective = best[OBJECTIVE] if best else None
-        rows.append((objective, trial.trial_id, trial_status(trial, stopped), len(results.get(trial.trial_id, [])),
+        rows.append((objective, trial.trial_id, trial_status(trial, stopped, results), len(results.get(trial.trial_id, [])),
                      format_hyperparameters(trial.config)))
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda row: (row[0] is None, sign * row[0] if row[0] is not None else 0))
@@ -72,7 +75,7 @@ def make_progress_callback(mode: str, scope: str, print_fn: Callable[[str], None
         def _print(self, trial):
             best = trial_score(self.results.get(trial.trial_id, []), mode, scope)
             objective = f"{best[OBJECTIVE]:.6g}" if best else "-"
-            print_fn(f"[hyperparameter_search] trial {trial.trial_id} {trial_status(trial, self.stopped)}: objective={objective} "
+            print_fn(f"[hyperparameter_search] trial {trial.trial_id} {trial_status(trial, self.stopped, self.results)}: objective={objective} "
                      f"evaluations={len(self.results.get(trial.trial_id, []))} "
                      f"({format_hyperparameters(trial.config)})")
 

@@ -16,6 +16,7 @@ import threading
 import uuid
 from typing import Any, Callable
 
+import ray
 from ray import tune
 from ray.train import Checkpoint
 from ray.train.v2.api.callback import UserCallback
@@ -109,7 +110,10 @@ def run_trial(config: dict, trial_job: TrialJob) -> None:
         except BaseException as error:  # re-raised in the trial's thread below
             outcome["error"] = error
         finally:
-            reports.put((_FINISHED, None))
+            try:
+                reports.put((_FINISHED, None))
+            except ray.exceptions.RayActorError:
+                pass  # Tune is stopping or pausing this trial: its placement group and queue are already gone
 
     thread = threading.Thread(target=train, name="raytrainer-trial", daemon=True)
     thread.start()

@@ -150,7 +150,7 @@ def test_results_table_sorts_by_objective():
             self.trial_id, self.status, self.config = trial_id, status, {"learning_rate": 0.1}
 
     trials = [FakeTrial("a", "TERMINATED"), FakeTrial("b", "TERMINATED"), FakeTrial("c", "ERROR")]
-    results = {"a": [{"objective": 2.0}], "b": [{"objective": 1.0}]}
+    results = {"a": [{"objective": 3.0}, {"objective": 2.0}], "b": [{"objective": 1.0}]}
     lines = results_table(trials, results, {"b"}, "min", "last").splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["b", "a", "c"]
     assert "stopped early" in lines[2] and "completed" in lines[3] and "error" in lines[4]
