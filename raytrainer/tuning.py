@@ -240,8 +240,7 @@ def worker_resources(args: transformers.TrainingArguments, cluster: dict[str, fl
     return {name: amount * settings["num_workers"] for name, amount in per_worker.items() if amount}
 
 
-def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float], cluster: dict[str, float],
-                         n_trials: int) -> None:
+def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float], cluster: dict[str, float]) -> None:
     """Set `resources_per_trial` and `max_concurrent_trials` so that trials never starve their own workers.
 
     A Tune trial here only drives a Ray Train run, so by default it holds no CPU (just 1 byte of memory, as Tune
@@ -260,14 +259,16 @@ def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
     driver_need = {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
     per_trial = {name: workers.get(name, 0) + driver_need.get(name, 0) for name in set(workers) | set(driver_need)}
     fits = min((math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in per_trial.items() if amount),
-               default=n_trials)
+               default=None)
+    if fits is None:  # workers that need no resources: nothing to size
+        return
     if fits < 1:
         raise ValueError(f"resources_per_trial={driver!r} plus the trial's workers ({workers}) exceed the cluster "
                          f"({cluster}): no trial could start. Leave resources_per_trial unset (a trial's driver "
                          "needs no CPU) or lower num_workers.")
     requested = tune_kwargs.get("max_concurrent_trials")
     if requested is None:
-        tune_kwargs["max_concurrent_trials"] = max(1, min(fits, n_trials))
+        tune_kwargs["max_concurrent_trials"] = fits  # None: nothing limits it (only zero-resource workers)
     elif any(driver_need.values()) and requested > fits:
         raise ValueError(f"max_concurrent_trials={requested} with resources_per_trial={driver!r}: the trial drivers "
                          f"would hold resources their own workers need (at most {fits} trials fit side by side). "
@@ -385,7 +386,7 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
     ensure_ray(ray_settings(trainer.args)["ray_address"])
     cluster = cluster_resources()
     tune_kwargs = dict(kwargs)
-    plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster, n_trials)
+    plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster)
     tune_kwargs.setdefault("storage_path", os.path.abspath(os.path.join(trainer.args.output_dir, "tune")))
     tune_kwargs.setdefault("verbose", 0)
     tune_kwargs.setdefault("raise_on_failed_trial", False)

@@ -108,13 +108,13 @@ def test_trial_drivers_that_would_starve_their_workers(ray_session, tmp_path):
 
 def test_trial_resources_hold_no_cpu_and_concurrency_fits_the_workers():
     kwargs = {}
-    plan_trial_resources(kwargs, {"CPU": 2}, {"CPU": 8, "memory": 1e9}, n_trials=10)
+    plan_trial_resources(kwargs, {"CPU": 2}, {"CPU": 8, "memory": 1e9})
     assert kwargs == {"resources_per_trial": {"cpu": 0, "memory": 1}, "max_concurrent_trials": 4}
     kwargs = {}
-    plan_trial_resources(kwargs, {"CPU": 2}, {"CPU": 2}, n_trials=3)
+    plan_trial_resources(kwargs, {"CPU": 2}, {"CPU": 2})
     assert kwargs["max_concurrent_trials"] == 1
     kwargs = {"resources_per_trial": {"cpu": 1}}
-    plan_trial_resources(kwargs, {"CPU": 1}, {"CPU": 8}, n_trials=20)
+    plan_trial_resources(kwargs, {"CPU": 1}, {"CPU": 8})
     assert kwargs["max_concurrent_trials"] == 4
 
 
