@@ -99,7 +99,7 @@ def test_trial_that_can_never_fit_the_cluster(ray_session, tmp_path):
 
 
 def test_trial_drivers_that_would_starve_their_workers(ray_session, tmp_path):
-    search_error(make_trainer(tmp_path, num_workers=4), "max_concurrent_trials=4 .* at most 1",
+    search_error(make_trainer(tmp_path, num_workers=4), "max_concurrent_trials=4 .*at most 1 trials",
                  resources_per_trial={"cpu": 1}, max_concurrent_trials=4)
 
 
