@@ -1,0 +1,170 @@
+"""Hyperparameter-search benchmark: transformers' `Trainer.hyperparameter_search` vs raytrainer's (Ray Tune + ASHA).
+
+Both sides search the same 8 learning rates (a grid, so both see the same candidates) for the same tiny regression
+(y = 2x + 3, 24 steps of batch 16, an evaluation every 4 steps), minimizing eval loss:
+  (a) transformers.Trainer.hyperparameter_search, optuna backend in-process (GridSampler, optuna's default
+      MedianPruner), or its Ray backend when optuna is not installed;
+  (b) raytrainer.Trainer.hyperparameter_search on Ray Tune with ASHA, each trial on a 1-worker Ray Train group.
+Ray is started once before the repeats (like a running cluster); its start-up time is printed separately.
+Time to target = seconds from the search's start to the first evaluation within 1% of the best objective that either
+side reached in that repeat. Prints a markdown table of medians over repeats and the ratio ours/theirs.
+
+    python bench/hpo.py [--repeats 3] [--trials 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from torch import nn
+
+LEARNING_RATES = [1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0]
+STEPS, EVAL_STEPS, BATCH = 24, 4, 16
+
+
+class RegressionModel(nn.Module):
+    """y = a * x + b: two parameters, an exact loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(1))
+        self.b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_x, labels=None):
+        y = input_x * self.a + self.b
+        return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
+
+
+def regression_data(n: int, seed: int) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n).astype(np.float32)
+    return datasets.Dataset.from_dict({"input_x": x, "labels": (2 * x + 3 + 0.1 * rng.normal(size=n)).astype(np.float32)})
+
+
+def common_args(output_dir: str) -> dict:
+    return dict(output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=BATCH, eval_strategy="steps",
+                eval_steps=EVAL_STEPS, save_strategy="no", logging_strategy="no", report_to="none",
+                disable_tqdm=True, seed=11)
+
+
+class EvaluationClock(transformers.TrainerCallback):
+    """Records (seconds since the search started, eval loss) at every in-process evaluation."""
+
+    def __init__(self, start: list, records: list):
+        self.start, self.records = start, records
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.records.append((time.perf_counter() - self.start[0], metrics["eval_loss"]))
+
+
+def run_transformers(n_trials: int) -> dict:
+    start, records = [0.0], []
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = transformers.Trainer(model_init=RegressionModel,
+                                       args=transformers.TrainingArguments(**common_args(output_dir)),
+                                       train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1),
+                                       callbacks=[EvaluationClock(start, records)])
+        trainer.pop_callback(transformers.trainer_callback.PrinterCallback)  # no per-log prints in the timing
+        try:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            backend = "optuna"
+            kwargs = dict(sampler=optuna.samplers.GridSampler({"learning_rate": LEARNING_RATES}, seed=0),
+                          hp_space=lambda trial: {"learning_rate": trial.suggest_categorical("learning_rate",
+                                                                                             LEARNING_RATES)})
+        except ImportError:
+            from ray import tune
+
+            backend = "ray"
+            kwargs = dict(hp_space=lambda trial: {"learning_rate": tune.grid_search(LEARNING_RATES)})
+            n_trials = 1
+        start[0] = time.perf_counter()
+        best = trainer.hyperparameter_search(n_trials=n_trials, direction="minimize", backend=backend, **kwargs)
+        wall = time.perf_counter() - start[0]
+    return {"side": f"transformers ({backend})", "wall": wall, "best": best.objective, "records": records,
+            "stopped": None}
+
+
+def run_raytrainer(n_trials: int) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raytrainer import Trainer, TrainingArguments
+
+    start, records = [0.0], []
+
+    class ResultClock(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            records.append((time.perf_counter() - start[0], result["objective"]))
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = Trainer(model_init=RegressionModel, args=TrainingArguments(num_workers=1, **common_args(output_dir)),
+                          train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1))
+        scheduler = ASHAScheduler(max_t=STEPS // EVAL_STEPS, grace_period=2, reduction_factor=2)
+        start[0] = time.perf_counter()
+        grid = LEARNING_RATES[:n_trials]
+        best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(grid)},
+                                             n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
+        wall = time.perf_counter() - start[0]
+        stopped = sum(1 for t in best.run_summary.trials
+                      if t.last_result.get("training_iteration", 0) < STEPS // EVAL_STEPS)
+    return {"side": "raytrainer (Ray Tune + ASHA)", "wall": wall, "best": best.objective, "records": records,
+            "stopped": stopped}
+
+
+def time_to_target(records: list, target: float) -> float:
+    return next((seconds for seconds, objective in records if objective <= target), float("inf"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=len(LEARNING_RATES))
+    options = parser.parse_args()
+
+    import os
+
+    import ray
+
+    # Our own local Ray sized to this machine (never a cluster another process started on it), without a dashboard;
+    # Ray Train's placement-group cleaner then must not ask another cluster's State API about our controller.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    started = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray_start = time.perf_counter() - started
+    rows = []
+    for repeat in range(options.repeats):
+        theirs, ours = run_transformers(options.trials), run_raytrainer(options.trials)
+        target = min(theirs["best"], ours["best"]) * 1.01
+        for side in (theirs, ours):
+            side["to_target"] = time_to_target(side["records"], target)
+        rows.append((theirs, ours))
+        print(f"repeat {repeat}: target {target:.5g} | {theirs['side']}: wall {theirs['wall']:.1f}s best "
+              f"{theirs['best']:.5g} to-target {theirs['to_target']:.1f}s | {ours['side']}: wall {ours['wall']:.1f}s "
+              f"best {ours['best']:.5g} to-target {ours['to_target']:.1f}s stopped early {ours['stopped']}", flush=True)
+
+    def median(side: int, key: str) -> float:
+        return statistics.median(row[side][key] for row in rows)
+
+    names = (rows[0][0]["side"], rows[0][1]["side"])
+    print(f"\n{options.trials} trials x {STEPS} steps (eval every {EVAL_STEPS}), medians over {options.repeats} "
+          f"repeats; Ray start-up before the repeats: {ray_start:.1f}s\n")
+    print(f"| metric | {names[0]} | {names[1]} | ratio ours/theirs |")
+    print("|---|---|---|---|")
+    for label, key, unit in (("wall time", "wall", "s"), ("time to target (1% of best)", "to_target", "s"),
+                             ("best objective (eval loss)", "best", "")):
+        theirs, ours = median(0, key), median(1, key)
+        print(f"| {label} | {theirs:.4g}{unit} | {ours:.4g}{unit} | {ours / theirs:.2f} |")
+    print(f"| trials stopped early | - | {statistics.median(row[1]['stopped'] for row in rows):g} | |")
+
+
+if __name__ == "__main__":
+    main()
