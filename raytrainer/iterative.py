@@ -132,8 +132,14 @@ class IterativeSFTTrainer:
         if world_size > 1:
             address, port = ray.get(self._trainers[0].address.remote())
             ray.get([t.join_process_group.remote(address, port) for t in self._trainers])
-        self._model_ref = ray.put(self._model)
-        self._generator = self._new_generator()
+
+    def _ensure_generator(self):
+        """Start the generator on first use (a `step()`-only run never needs one)."""
+        self._start()
+        if self._generator is None:
+            self._model_ref = ray.put(self._model)
+            self._generator = self._new_generator()
+        return self._generator
 
     def _new_generator(self):
         cpus = self._cpus_per_actor()
@@ -150,9 +156,10 @@ class IterativeSFTTrainer:
 
     def _publish_and_sync(self):
         """One sync: the trainer packs its weights once; the generator reads them from the object store."""
+        generator = self._ensure_generator()
         self._weights_ref = self._trainers[0].publish_weights.remote()
         self._synced_version = self._trainer_version
-        return self._generator.load_weights.remote(self._weights_ref)
+        return generator.load_weights.remote(self._weights_ref)
 
     def _train_examples(self, examples_ref) -> dict[str, Any]:
         stats = ray.get([t.train_examples.remote(examples_ref) for t in self._trainers])[0]
@@ -180,10 +187,14 @@ class IterativeSFTTrainer:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("generate() needs a non-empty list of prompt strings.")
-        self._start()
+        self._ensure_generator()
         if self._weights_ref is None or self._synced_version < self._trainer_version:
             ray.get(self._publish_and_sync())
-        result = ray.get(self._generator.sample.remote(prompts, **generation_kwargs))
+        try:
+            result = ray.get(self._generator.sample.remote(prompts, **generation_kwargs))
+        except ray.exceptions.RayActorError:  # the generator died: restart it with the latest weights, retry once
+            self._restart_generator()
+            result = ray.get(self._generator.sample.remote(prompts, **generation_kwargs))
         generations = Generations(result["completions"])
         generations.weight_version = result["weight_version"]
         return generations
@@ -201,6 +212,14 @@ class IterativeSFTTrainer:
         output_dir = output_dir or self.args.output_dir
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
+
+    def shutdown(self) -> None:
+        """Stop the trainer and generator actors (they also stop when this object is garbage-collected).
+        The trained weights are fetched into `model` first."""
+        _ = self.model
+        for actor in [*self._trainers, *([self._generator] if self._generator is not None else [])]:
+            ray.kill(actor)
+        self._trainers, self._generator = [], None
 
     def add_callback(self, callback: TrainerCallback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
