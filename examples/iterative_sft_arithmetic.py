@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+
+import ray
 
 import torch
 from datasets import Dataset
@@ -23,6 +26,8 @@ from transformers import (DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, P
 from raytrainer import IterativeSFTTrainer, TrainingArguments
 
 IGNORE_INDEX = -100
+if __name__ != "__main__":  # imported by the tests or the benchmark: actors cannot import this file, so its
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # reward function travels by value
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -104,8 +109,8 @@ class PrintHeldOutAccuracy(TrainerCallback):
 
 
 def run(rounds: int = 10, prompts_per_round: int = 128, samples_per_prompt: int = 16, warmup_examples: int = 300,
-        warmup_epochs: int = 15, max_staleness: int = 0, output_dir: str = "out_iterative_sft",
-        seed: int = 0, quiet: bool = False) -> dict:
+        warmup_epochs: int = 15, max_staleness: int = 0, learning_rate: float = 1e-3, batch_size: int = 32,
+        output_dir: str = "out_iterative_sft", seed: int = 0, quiet: bool = False) -> dict:
     """Warm up, then iterate; returns accuracies before and after each round."""
     torch.set_num_threads(1)  # a tiny model: more threads only contend for the 2 cores
     tokenizer = build_tokenizer()
@@ -114,7 +119,7 @@ def run(rounds: int = 10, prompts_per_round: int = 128, samples_per_prompt: int 
     unlabelled = addition_prompts(1500, seed=seed + 3, exclude=set(held_out) | set(labelled))
     model = warm_up(build_model(tokenizer, seed), tokenizer, labelled, warmup_epochs, output_dir, seed)
 
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=64, learning_rate=1e-3,
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
                              lr_scheduler_type="constant", save_strategy="no", report_to="none",
                              disable_tqdm=quiet, seed=seed, use_cpu=True)
     trainer = IterativeSFTTrainer(model, args, tokenizer, max_length=16)
@@ -129,6 +134,7 @@ def run(rounds: int = 10, prompts_per_round: int = 128, samples_per_prompt: int 
     seconds = time.perf_counter() - started
     print(f"held-out accuracy {before:.1%} -> {printer.accuracies[-1]:.1%} after {rounds} rounds "
           f"({seconds:.1f} s)", flush=True)
+    trainer.shutdown()
     return {"before": before, "after": printer.accuracies, "history": history, "seconds": seconds}
 
 

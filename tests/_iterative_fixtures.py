@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import ray
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
@@ -15,9 +14,7 @@ import iterative_sft_arithmetic as arithmetic  # noqa: E402  (the example double
 from raytrainer import TrainingArguments  # noqa: E402
 
 torch.set_num_threads(1)
-# Reward functions defined in the tests or the example travel to the generator actor by value: the
-# actor's process cannot import these modules (they are not on its path).
-ray.cloudpickle.register_pickle_by_value(arithmetic)  # tiny models on a shared 2-core box: extra threads only contend
+  # tiny models on a shared 2-core box: extra threads only contend
 
 
 def tokenizer():

@@ -168,7 +168,7 @@ def test_killed_generator_process_is_restarted_with_the_latest_weights(make_trai
 def test_resume_continues_after_the_last_completed_round(make_trainer, tmp_path):
     first = make_trainer(save_strategy="steps", save_steps=1)
     first.train(TEXTS, length_reward, 2, samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3})
-    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint = tmp_path / "checkpoint-4"  # 8 kept samples / batch 4 = 2 optimizer steps per round
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
         p.name for p in checkpoint.iterdir()}
     trained = {k: v.clone() for k, v in first.model.state_dict().items()}
@@ -178,7 +178,7 @@ def test_resume_continues_after_the_last_completed_round(make_trainer, tmp_path)
     history = second.train(TEXTS, length_reward, 3, samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3},
                            resume_from_checkpoint=True)
     assert [h["round"] for h in history] == [0, 1, 2]
-    assert history[2]["rollout_weight_version"] == 2 and history[2]["global_step"] == 3
+    assert history[2]["rollout_weight_version"] == 2 and history[2]["global_step"] == 6
     second_rollouts = read_rollouts(tmp_path)
     assert sorted(set(second_rollouts.column("round").to_pylist())) == [0, 1, 2]
     # the resumed run started from the checkpointed weights, not the fresh model it was given
