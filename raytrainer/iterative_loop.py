@@ -33,6 +33,16 @@ def _prompt_list(prompts) -> list[str]:
     return prompts
 
 
+def round_prompts(prompts: list[str], round_index: int, per_round: int, seed: int) -> list[str]:
+    """The prompts of a round: walk seeded per-epoch permutations, so a resumed run sees the same ones."""
+    n, chosen = len(prompts), []
+    for i in range(round_index * per_round, (round_index + 1) * per_round):
+        epoch, position = divmod(i, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        chosen.append(prompts[int(order[position])])
+    return chosen
+
+
 class RolloutLoop:
     """One `train()` call. Arguments are checked here, on the driver, before any actor does work."""
 
@@ -62,13 +72,7 @@ class RolloutLoop:
         self.last_saved_step = trainer.state.global_step
 
     def round_prompts(self, round_index: int) -> list[str]:
-        """The prompts of a round: walk seeded per-epoch permutations, so a resumed run sees the same ones."""
-        n, chosen = len(self.prompts), []
-        for i in range(round_index * self.prompts_per_round, (round_index + 1) * self.prompts_per_round):
-            epoch, position = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.trainer.args.seed + epoch))
-            chosen.append(self.prompts[int(order[position])])
-        return chosen
+        return round_prompts(self.prompts, round_index, self.prompts_per_round, self.trainer.args.seed)
 
     def _launch(self, round_index: int):
         return self.trainer._generator.rollout_round.options(num_returns=2).remote(
