@@ -213,6 +213,20 @@ class IterativeSFTTrainer:
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate the current weights on `eval_dataset` (tokenized, with labels) as transformers.Trainer
+        does, with `compute_metrics` and `preprocess_logits_for_metrics`."""
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset: pass it here or to the constructor.")
+        collator = self.data_collator or DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
+        evaluator = Trainer(model=self.model, args=self.args, data_collator=collator, processing_class=self.tokenizer,
+                            compute_metrics=self.compute_metrics,
+                            preprocess_logits_for_metrics=self.preprocess_logits_for_metrics)
+        return evaluator.evaluate(dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def shutdown(self) -> None:
         """Stop the trainer and generator actors (they also stop when this object is garbage-collected).
         The trained weights are fetched into `model` first."""

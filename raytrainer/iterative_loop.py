@@ -94,18 +94,19 @@ class RolloutLoop:
                 return summary, examples_ref
             pending[round_index] = self._launch(round_index)  # the latest weights are already queued
 
-    def _finish_sync(self, sync_ref, issued_at: float) -> dict[str, float]:
+    def _finish_sync(self, sync_ref, issued_at: float, generator) -> dict[str, float]:
         try:
             info = ray.get(sync_ref)
         except RayActorError:  # the generator died: its replacement is loaded with these weights
-            self.trainer._restart_generator()
-            self.restarts += 1
+            if generator is self.trainer._generator:  # not yet replaced while awaiting rollouts
+                self.trainer._restart_generator()
+                self.restarts += 1
             return {"sync_seconds": math.nan, "sync_bytes": 0}
         return {"sync_seconds": info["pack_seconds"] + info["load_seconds"], "sync_bytes": info["nbytes"],
                 "sync_wall_seconds": time.perf_counter() - issued_at if self.max_staleness == 0 else math.nan}
 
-    def _complete(self, entry: dict, sync_ref, issued_at: float, progress) -> None:
-        entry.update(self._finish_sync(sync_ref, issued_at))
+    def _complete(self, entry: dict, sync_ref, issued_at: float, generator, progress) -> None:
+        entry.update(self._finish_sync(sync_ref, issued_at, generator))
         trainer = self.trainer
         trainer.history.append(entry)
         trainer.state.log_history.append({**entry, "step": trainer.state.global_step})
@@ -150,7 +151,7 @@ class RolloutLoop:
             stats = trainer._train_examples(examples_ref)
             train_seconds = time.perf_counter() - train_started
             issued_at = time.perf_counter()
-            sync_ref = trainer._publish_and_sync()
+            sync_ref, generator = trainer._publish_and_sync(), trainer._generator
             entry = {
                 **{k: v for k, v in summary.items() if k != "weight_version"},
                 "rollout_weight_version": rollout_version, "staleness": version_before - rollout_version,
@@ -161,9 +162,9 @@ class RolloutLoop:
                 "generator_restarts": self.restarts,
             }
             if self.max_staleness == 0:
-                self._complete(entry, sync_ref, issued_at, progress)
+                self._complete(entry, sync_ref, issued_at, generator, progress)
             else:
-                deferred = (entry, sync_ref, issued_at)
+                deferred = (entry, sync_ref, issued_at, generator)
         if deferred is not None:
             self._complete(*deferred, progress)
         progress.close()
