@@ -58,7 +58,8 @@ def main(path):
         rollouts += len(rewards)
         if kept:
             input_ids = [torch.tensor(tokenizer(repeated[i])["input_ids"] + completion_ids[i]) for i in kept]
-            trainer.step(input_ids=input_ids)  # TRL 0.23 drops labels for causal LMs: the prompt is trained too
+            # TRL 0.23 requires labels here but drops them for causal LMs: the prompt is trained on too.
+            trainer.step(input_ids=input_ids, labels=input_ids)
         round_seconds.append(time.perf_counter() - started)
     model.eval()
     _, held_out = generate(model, tokenizer, settings["held_out"], do_sample=False,
