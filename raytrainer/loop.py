@@ -19,11 +19,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerControl, TrainerState
 from transformers.trainer_callback import CallbackHandler, ExportableState
-from transformers.trainer_utils import (PredictionOutput, SaveStrategy, TrainOutput, enable_full_determinism,
+from transformers.trainer_utils import (PredictionOutput, number_of_arguments, SaveStrategy, TrainOutput, enable_full_determinism,
                                         set_seed, sort_checkpoints, speed_metrics)
 
 from raytrainer import checkpoints
-from raytrainer.data import has_length, move_to_device, prepare_dataset_and_collator, train_dataloader
+from raytrainer.data import ArrowPayload, from_arrow_payload, has_length, move_to_device, prepare_dataset_and_collator, train_dataloader
 from raytrainer.distributed import WorkerContext, all_reduce_max, all_reduce_sum, barrier
 from raytrainer.evaluation import EvaluationSetup, evaluation_loop
 from raytrainer.job import TrainingJob
@@ -53,11 +53,16 @@ _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "s
 
 def call_model_init(model_init, trial):
     """model_init takes no argument, or the trial's hyperparameters (transformers' convention)."""
-    import inspect
-
-    if len(inspect.signature(model_init).parameters) == 0:
-        return model_init()
-    return model_init(trial)
+    count = number_of_arguments(model_init)
+    if count == 0:
+        model = model_init()
+    elif count == 1:
+        model = model_init(trial)
+    else:
+        raise RuntimeError(f"model_init should take 0 or 1 argument (the trial's hyperparameters), not {count}.")
+    if model is None:
+        raise RuntimeError("model_init should return a model, not None.")
+    return model
 
 
 class WorkerTrainer:
@@ -95,6 +100,8 @@ class WorkerTrainer:
                             self.context.world_size, self.args.average_tokens_across_devices, self.autocast)
 
     def prepared(self, dataset, description: str):
+        if isinstance(dataset, ArrowPayload):  # in-process use: the table is here, not in an object store
+            dataset = from_arrow_payload(dataset)
         collator = self.job.data_collator
         return prepare_dataset_and_collator(dataset, collator, self.job.input_columns, description)
 
@@ -519,7 +526,7 @@ class WorkerTrainer:
                                  self.args.prediction_loss_only,
                                  ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix,
                                  on_prediction_step=self.on_prediction_step)
-        self.log(dict(output.metrics))
+        self.log(output.metrics)  # transformers adds "epoch" to the returned metrics too
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         return output.metrics
 

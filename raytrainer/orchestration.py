@@ -259,6 +259,17 @@ def put_datasets(value: Any, cache: dict) -> Any:
     return value
 
 
+def put_job(job: TrainingJob) -> ray.ObjectRef:
+    """Put the job in the object store once; name the component that cannot be serialized, if any."""
+    try:
+        return ray.put(job)
+    except Exception as error:  # noqa: BLE001 - diagnose below, then re-raise with the culprit's name
+        from raytrainer.serialization import check_picklable
+
+        check_picklable({f.name: getattr(job, f.name) for f in dataclasses.fields(job)})
+        raise TypeError(f"The training job cannot be serialized to send it to the Ray workers: {error}") from error
+
+
 def run_on_workers(job: TrainingJob, command: Command, ray_datasets: dict | None = None,
                    on_event: Callable[[tuple], None] = lambda event: None,
                    run_callbacks: list | None = None, run_name: str | None = None) -> Any:
@@ -267,8 +278,9 @@ def run_on_workers(job: TrainingJob, command: Command, ray_datasets: dict | None
     ensure_ray(ray_settings(args)["ray_address"])
     spec = WorkerGroupSpec.of(args)
     spec.check_fits_cluster()
+    job_ref = put_job(job)
     channel = EventChannel.remote()
-    config = {"job": ray.put(job), "command": command, "channel": channel,
+    config = {"job": job_ref, "command": command, "channel": channel,
               "persist_checkpoints": spec.storage_path is not None}
     run_config = RunConfig(
         name=run_name or f"raytrainer-{command.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",

@@ -118,6 +118,7 @@ class Trainer:
         self.add_callback(PrinterCallback if args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK)
         self.control = TrainerControl()
         self.state = TrainerState(is_local_process_zero=True, is_world_process_zero=True)
+        self.control = self.callback_handler.on_init_end(args, self.state, self.control)
         self._arrow_cache: dict[int, tuple[Any, ArrowPayload]] = {}
         self._object_store_cache: dict = {}
         self.hp_search_backend = None
