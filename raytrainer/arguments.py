@@ -95,15 +95,22 @@ def ray_settings(args: transformers.TrainingArguments) -> dict[str, Any]:
     return {name: getattr(args, name, default) for name, default in defaults.items()}
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Compare with a dataclass default the way __post_init__ normalises it ("" -> [], str -> enum)."""
+    if value == default or (not value and not default):
+        return True
+    return getattr(value, "value", value) == getattr(default, "value", default)
+
+
 def check_supported_arguments(args: transformers.TrainingArguments) -> None:
     """Raise ValueError for any argument set to a value raytrainer does not implement."""
-    reference = transformers.TrainingArguments(output_dir=args.output_dir)
     unsupported = []
     for f in dataclasses.fields(transformers.TrainingArguments):
         if not f.init or f.name in HONOURED_FIELDS:
             continue
-        value, default = getattr(args, f.name), getattr(reference, f.name)
-        if value != default:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(args, f.name)
+        if not _is_default(value, default):
             unsupported.append(f"{f.name}={value!r}")
     if unsupported:
         raise ValueError(

@@ -1,0 +1,74 @@
+"""Tiny models and data for the tests, defined here on purpose: workers must get them without extra set-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import datasets
+
+
+class RegressionModel(nn.Module):
+    """y = a * x + b, with an MSE loss: two parameters, exact comparisons (accelerate's test model)."""
+
+    def __init__(self, a: float = 0.0, b: float = 0.0):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(float(a)))
+        self.b = nn.Parameter(torch.tensor(float(b)))
+
+    def forward(self, x, labels=None):
+        y = self.a * x + self.b
+        if labels is None:
+            return (y,)
+        return (nn.functional.mse_loss(y, labels), y)
+
+
+def regression_dataset(n: int = 64, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n).astype(np.float32)
+    y = (2.0 * x + 3.0 + rng.normal(scale=0.1, size=n)).astype(np.float32)
+    return datasets.Dataset.from_dict({"x": x, "labels": y, "note": [f"row {i}" for i in range(n)]})
+
+
+class TorchRegressionDataset(torch.utils.data.Dataset):
+    """The same data as a plain torch Dataset of dicts."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        data = regression_dataset(n, seed)
+        self.x, self.y = data["x"], data["labels"]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor(self.x[i]), "labels": torch.tensor(self.y[i])}
+
+
+VOCAB = list("0123456789+= abcdefghijklmnopqrstuvwxyz.")
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(VOCAB) + 1, n_positions=32, n_embd=64, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def lm_dataset(n: int = 48, seq_len: int = 16, seed: int = 0) -> datasets.Dataset:
+    """Character sequences of simple additions, as token ids with labels = input_ids."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.integers(0, 50, size=2)
+        text = f"{a}+{b}={a + b}."
+        ids = [VOCAB.index(c) + 1 for c in text][:seq_len]
+        ids = ids + [0] * (seq_len - len(ids))
+        rows.append(ids)
+    ids = np.array(rows, dtype=np.int64)
+    labels = np.where(ids == 0, -100, ids)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": (ids != 0).astype(np.int64).tolist(),
+                                       "labels": labels.tolist()})

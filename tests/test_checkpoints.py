@@ -1,0 +1,66 @@
+"""Checkpoints: transformers layout, atomic publication, rotation, and resume to the same final weights."""
+
+import os
+
+import pytest
+import transformers
+
+from helpers import RegressionModel, regression_dataset
+from parity import assert_weights_close, run_transformers
+from raytrainer import Trainer, TrainingArguments
+from raytrainer.checkpoints import get_last_checkpoint
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def settings(tmp_path, name, **overrides):
+    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, learning_rate=0.05,
+                  logging_steps=2, max_steps=12, save_steps=4, report_to=[], disable_tqdm=True, warmup_steps=2)
+    values.update(overrides)
+    return values
+
+
+def test_checkpoint_layout_rotation_and_resume_match_an_uninterrupted_run(tmp_path):
+    data = regression_dataset(40)
+    theirs, _ = run_transformers(RegressionModel(), transformers.TrainingArguments(**settings(tmp_path, "hf")),
+                                 train_dataset=data)
+    first = Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "rt", num_workers=2,
+                                                                               per_device_train_batch_size=2)),
+                    train_dataset=data)
+    first.train()
+    assert_weights_close(theirs.model, first.model, tol=1e-6)
+    ours_dir, hf_dir = tmp_path / "rt", tmp_path / "hf"
+    assert sorted(d for d in os.listdir(ours_dir) if d.startswith("checkpoint")) == [
+        "checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    hf_files = set(os.listdir(hf_dir / "checkpoint-8"))
+    our_files = set(os.listdir(ours_dir / "checkpoint-8"))
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            "rng_state_0.pth", "rng_state_1.pth"} <= our_files
+    assert hf_files - {"rng_state.pth"} <= our_files
+    assert not [d for d in os.listdir(ours_dir) if d.startswith(".tmp")]  # nothing half-written left behind
+
+    # A half-written checkpoint (as a crash would leave it) is never taken for a real one.
+    os.makedirs(ours_dir / ".tmp-checkpoint-16")
+    assert get_last_checkpoint(str(ours_dir)).endswith("checkpoint-12")
+
+    resumed = Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "rt", num_workers=2,
+                                                                                 per_device_train_batch_size=2)),
+                      train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(ours_dir / "checkpoint-4"))
+    assert_weights_close(theirs.model, resumed.model, tol=1e-6)
+    assert resumed.state.global_step == 12
+    their_losses = [e["loss"] for e in theirs.state.log_history if "loss" in e and e["step"] > 4]
+    our_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e and e["step"] > 4]
+    assert our_losses == pytest.approx(their_losses, rel=1e-5)
+
+
+def test_save_total_limit_keeps_the_newest_and_resume_true_takes_the_last(tmp_path):
+    data = regression_dataset(40)
+    trainer = Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "rt", save_total_limit=2)),
+                      train_dataset=data)
+    trainer.train()
+    assert sorted(d for d in os.listdir(tmp_path / "rt") if d.startswith("checkpoint")) == [
+        "checkpoint-12", "checkpoint-8"]
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "empty")),
+                train_dataset=data).train(resume_from_checkpoint=True)
