@@ -79,12 +79,12 @@ def labelled_dataset(prompts: list[str], tokenizer) -> Dataset:
 
 
 def warm_up(model, tokenizer, prompts: list[str], epochs: int, output_dir: str, seed: int = 0):
-    """Supervised warm-up on labelled problems with the core Trainer."""
-    from transformers import Trainer, TrainingArguments as HFTrainingArguments  # raytrainer.Trainer once on main
+    """Supervised warm-up on labelled problems with raytrainer's Trainer (one Ray Train worker)."""
+    from raytrainer import Trainer
 
-    args = HFTrainingArguments(output_dir=output_dir, per_device_train_batch_size=32, num_train_epochs=epochs,
-                               learning_rate=3e-3, lr_scheduler_type="constant", save_strategy="no",
-                               logging_strategy="no", report_to="none", disable_tqdm=True, seed=seed, use_cpu=True)
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=32, num_train_epochs=epochs,
+                             learning_rate=3e-3, lr_scheduler_type="constant", save_strategy="no",
+                             logging_strategy="no", report_to="none", disable_tqdm=True, seed=seed, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=labelled_dataset(prompts, tokenizer),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
     trainer.train()

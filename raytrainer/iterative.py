@@ -23,6 +23,7 @@ from actors.rollouts import KeepRule
 from actors.trainer import TrainerActor
 from actors.weights import unpack_weights
 from raytrainer.arguments import TrainingArguments, check_supported_arguments, ray_settings
+from raytrainer.orchestration import ensure_ray
 from raytrainer.sft_step import TRUNCATION_MODES, check_open_ended_schedule, check_step_inputs, encode_examples
 
 ROUND_STATE = "iterative_state.json"
@@ -32,16 +33,6 @@ class Generations(list):
     """Completions returned by `generate()`, with the weight version that produced them."""
 
     weight_version: int = 0
-
-
-def _ensure_ray(address: str | None) -> None:
-    try:
-        from raytrainer.orchestration import ensure_ray
-    except ImportError:  # the core orchestration module has not landed on this branch yet
-        if not ray.is_initialized():
-            ray.init(address=address)
-        return
-    ensure_ray(address)
 
 
 class IterativeSFTTrainer:
@@ -117,7 +108,7 @@ class IterativeSFTTrainer:
         """Start the trainer actor(s) and the generator once, on first use."""
         if self._trainers:
             return
-        _ensure_ray(ray_settings(self.args)["ray_address"])
+        ensure_ray(ray_settings(self.args)["ray_address"])
         world_size = ray_settings(self.args)["num_workers"]
         cpus, gpus = self._cpus_per_actor(), self._gpus_per_actor()
         bundle_ref = ray.put((self._model, *self.optimizers))  # one pickle: optimizer keeps pointing at the model

@@ -22,13 +22,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its reward fu
 TEXTS, LABELS = ["1+2=", "30+4=", "12+12=", "7+40="], ["3", "34", "24", "47"]
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False)
-    yield
-
-
 @pytest.fixture
 def make_trainer(ray_session, tmp_path):
     made = []
