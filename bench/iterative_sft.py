@@ -1,0 +1,164 @@
+"""Benchmark: TRL 0.23's IterativeSFTTrainer vs ours (max_staleness 0 and 1) on the arithmetic task.
+
+Same warmed-up model, prompts per round, sampling settings and optimizer for all three sides:
+(a) TRL 0.23 in its own virtualenv (sequential generate -> filter -> step in one process),
+(b) ours, max_staleness=0, (c) ours, max_staleness=1. Also times one weight sync against a plain
+`ray.put` + read + copy of the same number of bytes. Prints a markdown table.
+
+    python3 -m venv bench/.venv-trl && bench/.venv-trl/bin/pip install torch==2.13.0 "trl==0.23.*" \
+        "transformers>=4.56.1,<5" datasets accelerate
+    .venv/bin/python bench/iterative_sft.py [--rounds 10 --repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import iterative_sft_arithmetic as task  # noqa: E402
+
+from raytrainer import IterativeSFTTrainer, TrainingArguments  # noqa: E402
+from raytrainer.iterative_loop import round_prompts  # noqa: E402
+
+
+@ray.remote(num_cpus=1)
+class ByteSink:
+    """The raw transfer: read an object-store array and copy it into a preallocated buffer."""
+
+    def __init__(self):
+        self.buffer = None
+
+    def consume(self, array):
+        if self.buffer is None or self.buffer.shape != array.shape:
+            self.buffer = np.empty_like(array)
+        np.copyto(self.buffer, array)
+        return array.nbytes
+
+
+def time_weight_sync(trainer: IterativeSFTTrainer, repeats: int = 20) -> dict:
+    """Median seconds of one sync (trainer packs -> object store -> generator copies into its model)
+    and of a plain ray.put of the same bytes read and copied by another actor."""
+    sync = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        info = ray.get(trainer._publish_and_sync())
+        sync.append(time.perf_counter() - started)
+    sink = ByteSink.remote()
+    payload = np.random.randint(0, 255, info["nbytes"], dtype=np.uint8)
+    ray.get(sink.consume.remote(ray.put(payload)))  # warm the actor
+    raw = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ray.get(sink.consume.remote(ray.put(payload)))
+        raw.append(time.perf_counter() - started)
+    ray.kill(sink)
+    return {"nbytes": info["nbytes"], "sync_s": statistics.median(sync), "raw_s": statistics.median(raw)}
+
+
+def run_ours(settings: dict, max_staleness: int, model_dir: str) -> dict:
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = task.build_tokenizer()
+    args = TrainingArguments(output_dir=f"{settings['output_dir']}/ours-{max_staleness}",
+                             per_device_train_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+                             lr_scheduler_type="constant", save_strategy="no", report_to="none", disable_tqdm=True,
+                             seed=settings["seed"], use_cpu=True)
+    trainer = IterativeSFTTrainer(GPT2LMHeadModel.from_pretrained(model_dir), args, tokenizer)
+    trainer.generate(["1+1="], max_new_tokens=1)  # start the actors outside the timed loop, as TRL's load is
+    started = time.perf_counter()
+    history = trainer.train(settings["prompts"], task.exact_match_reward, settings["rounds"],
+                            prompts_per_round=settings["prompts_per_round"],
+                            samples_per_prompt=settings["samples_per_prompt"], min_reward=1.0,
+                            max_staleness=max_staleness,
+                            generation_kwargs={"max_new_tokens": settings["max_new_tokens"]})
+    seconds = time.perf_counter() - started
+    accuracy = task.accuracy(trainer, settings["held_out"])
+    sync = time_weight_sync(trainer)
+    trainer.shutdown()
+    return {"seconds": seconds, "round_seconds": [h["round_seconds"] for h in history],
+            "rollouts": sum(h["num_rollouts"] for h in history), "accuracy": accuracy, **sync}
+
+
+def run_trl(settings: dict, model_dir: str, threads: int) -> dict:
+    python = ROOT / "bench/.venv-trl/bin/python"
+    if not python.exists():
+        raise SystemExit(f"{python} is missing: create it with the command in this file's docstring.")
+    trl_settings = {**settings, "model_dir": model_dir, "threads": threads, "output_dir": f"{settings['output_dir']}/trl",
+                    "round_prompts": [round_prompts(settings["prompts"], r, settings["prompts_per_round"], settings["seed"])
+                                      for r in range(settings["rounds"])]}
+    path = Path(settings["output_dir"]) / "trl_settings.json"
+    path.write_text(json.dumps(trl_settings))
+    started = time.perf_counter()
+    out = subprocess.run([str(python), str(ROOT / "bench/_trl_reference.py"), str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["seconds"] = sum(result["round_seconds"])
+    result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--prompts-per-round", type=int, default=128)
+    parser.add_argument("--samples-per-prompt", type=int, default=16)
+    parser.add_argument("--trl-threads", type=int, default=1)
+    parser.add_argument("--output-dir", default="bench/results/iterative_sft")
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+
+    seed = 0
+    tokenizer = task.build_tokenizer()
+    held_out = task.addition_prompts(200, seed=seed + 1)
+    labelled = task.addition_prompts(300, seed=seed + 2, exclude=set(held_out))
+    unlabelled = task.addition_prompts(1500, seed=seed + 3, exclude=set(held_out) | set(labelled))
+    model = task.warm_up(task.build_model(tokenizer, seed), tokenizer, labelled, 15, options.output_dir, seed)
+    model_dir = f"{options.output_dir}/warm"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = {"rounds": options.rounds, "prompts_per_round": options.prompts_per_round,
+                "samples_per_prompt": options.samples_per_prompt, "batch_size": 32, "learning_rate": 1e-3,
+                "max_new_tokens": 5, "seed": seed, "prompts": unlabelled, "held_out": held_out,
+                "output_dir": options.output_dir}
+
+    results = {"(a) TRL 0.23 IterativeSFTTrainer": run_trl(settings, model_dir, options.trl_threads),
+               "(b) ours, max_staleness=0": run_ours(settings, 0, model_dir),
+               "(c) ours, max_staleness=1": run_ours(settings, 1, model_dir)}
+    print_table(results, options)
+
+
+def print_table(results: dict, options) -> None:
+    reference = results["(a) TRL 0.23 IterativeSFTTrainer"]
+    print(f"\n{options.rounds} rounds x {options.prompts_per_round} prompts x {options.samples_per_prompt} samples; "
+          f"TRL with {options.trl_threads} torch thread(s), ours: 1 trainer + 1 generator actor (1 CPU each)\n")
+    print("| side | s/round (mean) | s/round (median) | rollouts/s | rounds/s vs (a) | weight sync s | sync GB/s "
+          "| ray.put same bytes s | put GB/s | sync / put | held-out accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        mean = r["seconds"] / len(r["round_seconds"])
+        speedup = (reference["seconds"] / len(reference["round_seconds"])) / mean
+        if "sync_s" in r:
+            sync = (f"{r['sync_s'] * 1e3:.2f} ms | {r['nbytes'] / r['sync_s'] / 1e9:.3f} | {r['raw_s'] * 1e3:.2f} ms | "
+                    f"{r['nbytes'] / r['raw_s'] / 1e9:.3f} | {r['sync_s'] / r['raw_s']:.2f}x")
+        else:
+            sync = "in-process (no sync) | - | - | - | -"
+        print(f"| {name} | {mean:.3f} | {statistics.median(r['round_seconds']):.3f} | {r['rollouts'] / r['seconds']:.0f} "
+              f"| {speedup:.2f}x | {sync} | {r['accuracy']:.1%} |")
+    nbytes = next(r["nbytes"] for r in results.values() if "nbytes" in r)
+    print(f"\nweights: {nbytes / 1e6:.2f} MB per sync (one object; tied embedding sent once)")
+
+
+if __name__ == "__main__":
+    main()
