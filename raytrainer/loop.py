@@ -157,12 +157,13 @@ class WorkerTrainer:
                                   mode=args.torch_compile_mode)
         if self.context.world_size > 1:
             device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
+            options = {"forward_sync_buffers": args.ddp_broadcast_buffers} if args.ddp_broadcast_buffers is not None \
+                else {}  # (DDP's own default syncs buffers; `broadcast_buffers` is deprecated in torch 2.13)
             model = DistributedDataParallel(
                 model, device_ids=device_ids,
                 find_unused_parameters=bool(args.ddp_find_unused_parameters),
                 bucket_cap_mb=args.ddp_bucket_cap_mb or 25,
-                broadcast_buffers=args.ddp_broadcast_buffers if args.ddp_broadcast_buffers is not None else True,
-                static_graph=bool(args.ddp_static_graph))
+                static_graph=bool(args.ddp_static_graph), **options)
         return model
 
     # ------------------------------------------------------------------ training

@@ -152,8 +152,12 @@ class RayDataShard(torch.utils.data.IterableDataset):
         yield from self.shard.iter_rows()
 
 
-def _set_thread_share(context: Any) -> None:
-    """Torch threads = this worker's share of the node's cores (Ray would leave it at 1)."""
+def _set_thread_share(context: Any, driver_threads: str | None) -> None:
+    """Torch threads: the driver's OMP_NUM_THREADS when the user set one, else this worker's share of the
+    node's cores (Ray leaves workers at 1 thread)."""
+    if driver_threads and driver_threads.isdigit() and int(driver_threads) > 0:
+        torch.set_num_threads(int(driver_threads))
+        return
     cores = os.cpu_count() or 1
     local_world = max(1, context.get_local_world_size())
     torch.set_num_threads(max(1, cores // local_world))
@@ -169,8 +173,7 @@ def worker_main(config: dict) -> None:
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()
     tag_worker_output(rank)
-    if config.get("set_threads", True):
-        _set_thread_share(train_context)
+    _set_thread_share(train_context, config.get("driver_threads"))
     job: TrainingJob = ray.get(config["job"])
     if job.working_dir and os.path.isdir(job.working_dir):
         os.chdir(job.working_dir)
@@ -286,7 +289,8 @@ def run_on_workers(job: TrainingJob, command: Command, ray_datasets: dict | None
     job_ref = put_job(job)
     channel = EventChannel.remote()
     config = {"job": job_ref, "command": command, "channel": channel,
-              "persist_checkpoints": spec.storage_path is not None}
+              "persist_checkpoints": spec.storage_path is not None,
+              "driver_threads": os.environ.get("OMP_NUM_THREADS")}
     run_config = RunConfig(
         name=run_name or f"raytrainer-{command.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
         storage_path=spec.storage_path,
