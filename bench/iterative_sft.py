@@ -118,6 +118,8 @@ def main():
     options = parser.parse_args()
     torch.set_num_threads(1)
     Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+    # A private local Ray: never join another cluster running on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
 
     seed = 0
     tokenizer = task.build_tokenizer()
