@@ -76,3 +76,13 @@ def test_pbt_exploit_restores_a_better_trials_checkpoint(ray_session, tmp_path):
     first = restored.iloc[0]
     same_step = good[good["step"] == first["step"]]
     assert same_step["objective"].iloc[0] == pytest.approx(first["objective"], rel=1e-5)
+
+
+def test_train_again_with_the_best_hyperparameters(lr_search):
+    trainer, best = lr_search
+    best.apply_to(trainer)
+    assert trainer.args.learning_rate == GOOD_LR
+    trainer.train(trial=best.hyperparameters)
+    last_evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]
+    assert last_evaluation["step"] == 20
+    assert last_evaluation["eval_loss"] == pytest.approx(best.objective, rel=1e-6)  # same seed, same run
