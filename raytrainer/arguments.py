@@ -52,8 +52,9 @@ class TrainingArguments(transformers.TrainingArguments):
         placement_strategy: Ray placement-group strategy for the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD.
         max_failures: how many times Ray Train restarts the worker group after a failure; the run resumes
             from the latest checkpoint. -1 retries forever.
-        storage_path: where Ray Train persists checkpoints (a shared filesystem or `s3://...`). Defaults to
-            `<output_dir>/ray_storage`; set it to shared storage for multi-node runs.
+        storage_path: where Ray Train persists copies of the checkpoints (a shared filesystem or `s3://...`);
+            set it for multi-node runs. By default the checkpoints stay in `output_dir` and Ray Train keeps
+            only a pointer to them (in `~/ray_results`).
         ray_address: the Ray cluster to use. `None`: `RAY_ADDRESS`, the job's cluster, or an embedded local Ray.
     """
 

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def ray_session():
     import ray
 
+    # Ray Train's placement-group cleaner must not ask another Ray cluster on this machine about our controller.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
     if not ray.is_initialized():
         ray.init(num_cpus=8, logging_level="WARNING", include_dashboard=False)
     yield ray
