@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # CPU build of torch where there is no GPU (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-iterative clean
 
 venv: $(VENV)/.installed
 
@@ -32,3 +32,8 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) tmp_trainer demo_output
+
+# TRL 0.23 (the last release with IterativeSFTTrainer) needs transformers 4.x: it gets its own virtualenv.
+bench-iterative: venv
+	test -x bench/.venv-trl/bin/python || ($(PYTHON) -m venv bench/.venv-trl && bench/.venv-trl/bin/pip install -q "$(TORCH_CPU)" "trl==0.23.*" "transformers>=4.56.1,<5" datasets accelerate)
+	$(PY) bench/iterative_sft.py
