@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel

@@ -1,11 +1,8 @@
 """Shared pieces of the hyperparameter-search tests: a tiny regression task and its Trainer."""
 
-import os
 
 import datasets
 import numpy as np
-import pytest
-import ray
 import torch
 from torch import nn
 
@@ -31,17 +28,6 @@ def regression_data(n: int, seed: int) -> datasets.Dataset:
     x = rng.normal(size=n).astype(np.float32)
     y = (2 * x + 3 + 0.1 * rng.normal(size=n)).astype(np.float32)
     return datasets.Dataset.from_dict({"input_x": x, "labels": y})
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    # Without a dashboard, Ray Train's PlacementGroupCleaner looks for a State API server on this machine and may
-    # ask ANOTHER Ray cluster (e.g. a concurrent test run) whether our controller lives, get "no", and remove our
-    # workers' placement group. Pointing the State API at a closed port makes those checks fail safely instead.
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False)
-    yield
 
 
 def make_trainer(output_dir, **overrides) -> Trainer:

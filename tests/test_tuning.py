@@ -4,7 +4,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
-from _tuning_fixtures import make_trainer, ray_session  # noqa: F401 - ray_session is a fixture
+from _tuning_fixtures import make_trainer
 from raytrainer import BestRun
 
 # AdamW moves each parameter ~lr per step (linear decay to 0 over 20 steps): lr 0.3-1 fits y = 2x + 3 (eval loss

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.search_results import results_table, trial_score
 from raytrainer.tuning import apply_hyperparameters, fill_metric_and_mode, plan_trial_resources
-from _tuning_fixtures import RegressionModel, make_trainer, ray_session, regression_data  # noqa: F401
+from _tuning_fixtures import RegressionModel, make_trainer, regression_data
 
 
 LR_SPACE = lambda trial: {"learning_rate": tune.loguniform(1e-4, 1e-1)}  # noqa: E731
