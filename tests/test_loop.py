@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from transformers import EvalPrediction
 
