@@ -1,6 +1,7 @@
 """One Ray instance per test session (real local cluster), shared by every Ray test."""
 
 import os
+import socket
 
 import pytest
 
@@ -9,18 +10,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # Ray Train's placement-group cleaner must not ask another Ray cluster on this machine (e.g. the job-submit
-        # tests' head) about our controller. Only Ray's own processes get this setting: in this process it would
-        # also redirect job-submission clients.
+        # Ray Train's placement-group cleaner asks the State API whether a run's controller still lives, and frees
+        # the workers' resources when it does not (e.g. trials Tune stopped). Point it at this session's own
+        # dashboard, so that it never asks another Ray cluster on the machine (the job-submit tests' head). Only
+        # Ray's processes get this setting: in this process it would redirect job-submission clients.
+        port = _free_port()
         previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
-            ray.init(num_cpus=8, logging_level="WARNING", include_dashboard=False)
+            ray.init(num_cpus=8, logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port)
         finally:
             if previous is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)
