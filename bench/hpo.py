@@ -134,11 +134,16 @@ def main() -> None:
 
     import ray
 
-    # Our own local Ray sized to this machine (never a cluster another process started on it), without a dashboard;
-    # Ray Train's placement-group cleaner then must not ask another cluster's State API about our controller.
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    import socket
+
+    # Our own local Ray sized to this machine (never a cluster another process started on it). Ray Train's
+    # placement-group cleaner frees the workers of trials Tune stops; it must ask this Ray's own dashboard.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     ray_start = time.perf_counter() - started
     rows = []
     for repeat in range(options.repeats):
