@@ -15,7 +15,8 @@ Every measurement runs in a fresh child process with a private, cold Ray (RAY_TM
 RAY_ADDRESS unset), so Ray start-up counts for (b)-(d) exactly as it does for a user's first call.
 Imports, data and model construction happen before the clock starts, in every variant; (b) builds
 its model inside the worker, as the recipe does. `--warm` calls train()/fit() a second time in the
-same process and adds "second call" columns (issue 6).
+same process and adds "second call" columns, and times an evaluate() on the same (warm) trainer — for (b) there is
+no trainer left after fit() to evaluate with (issue 6).
 
 Usage: python bench/trainer_overhead.py [--quick] [--repeats 3] [--variants abcd] [--warm]
 """
@@ -98,8 +99,10 @@ def build_workload(options) -> dict:
         save_strategy="steps" if options.save_checkpoint else "no", save_steps=options.steps,
         dataloader_num_workers=0,
     )
+    eval_size = min(len(train_dataset), 16 * options.batch)
     return {"train_dataset": train_dataset.select(range(blocks_needed)), "model_config": model_config,
-            "training_args": training_args}
+            "training_args": {**training_args, "per_device_eval_batch_size": options.batch},
+            "eval_dataset": train_dataset.select(range(eval_size))}
 
 
 def new_model(model_config: GPT2Config) -> GPT2LMHeadModel:
@@ -108,14 +111,22 @@ def new_model(model_config: GPT2Config) -> GPT2LMHeadModel:
 
 
 # ----------------------------------------------------------------------------- variants
-# Each returns a list of (call_started, call_returned) wall-clock pairs, one per train()/fit() call.
+# Each returns a list of (call_started, call_returned) wall-clock pairs, one per train()/fit() call, and the
+# seconds of an evaluate() after them (None where the variant has no trainer to evaluate with, or with one call).
 
 def run_transformers(workload, output_dir, timer, calls):
     args = transformers.TrainingArguments(output_dir=output_dir, **workload["training_args"])
     trainer = transformers.Trainer(model=new_model(workload["model_config"]), args=args,
                                    train_dataset=workload["train_dataset"],
                                    data_collator=default_data_collator, callbacks=[timer])
-    return [timed(trainer.train) for _ in range(calls)]
+    return [timed(trainer.train) for _ in range(calls)], timed_evaluate(trainer, workload, calls)
+
+
+def timed_evaluate(trainer, workload, calls):
+    if calls < 2:
+        return None
+    started, returned = timed(lambda: trainer.evaluate(workload["eval_dataset"]))
+    return returned - started
 
 
 def ray_recipe_train_loop(config):
@@ -148,7 +159,7 @@ def run_ray_recipe(workload, output_dir, timer, calls):
         trainer.fit()
         return started, time.time()
 
-    return [fit_once(index) for index in range(calls)]
+    return [fit_once(index) for index in range(calls)], None
 
 
 def run_raytrainer(workload, output_dir, timer, calls, num_workers):
@@ -160,7 +171,8 @@ def run_raytrainer(workload, output_dir, timer, calls, num_workers):
     trainer = raytrainer.Trainer(model=new_model(workload["model_config"]), args=args,
                                  train_dataset=workload["train_dataset"],
                                  data_collator=default_data_collator, callbacks=[timer])
-    return [timed(trainer.train) for _ in range(calls)]
+    with trainer:  # releases the warm workers at the end
+        return [timed(trainer.train) for _ in range(calls)], timed_evaluate(trainer, workload, calls)
 
 
 def timed(function):
@@ -198,13 +210,14 @@ def child_main(options):
     workload = build_workload(options)
     with tempfile.TemporaryDirectory(prefix="bench-") as work_dir:
         steps_file = os.path.join(work_dir, "step_times.jsonl")
-        calls = VARIANTS[options.child](workload, os.path.join(work_dir, "out"),
-                                        StepTimesCallback(steps_file, options.torch_threads),
-                                        2 if options.warm else 1)
+        calls, evaluate_s = VARIANTS[options.child](workload, os.path.join(work_dir, "out"),
+                                                    StepTimesCallback(steps_file, options.torch_threads),
+                                                    2 if options.warm else 1)
         records = [json.loads(line) for line in Path(steps_file).read_text().splitlines()]
     if len(records) != len(calls):
         raise RuntimeError(f"expected {len(calls)} step-time records, got {len(records)}")
     result = [summarize_call(*call, record, options.warmup_steps) for call, record in zip(calls, records)]
+    result[0]["evaluate_s"] = evaluate_s
     Path(options.result_file).write_text(json.dumps(result))
 
 
@@ -242,7 +255,8 @@ def run_child(variant, options):
 # ----------------------------------------------------------------------------- reporting
 
 def median_of(results, call_index, key):
-    values = [calls[call_index][key] for calls in results if len(calls) > call_index]
+    values = [calls[call_index][key] for calls in results
+              if len(calls) > call_index and calls[call_index].get(key) is not None]
     return statistics.median(values) if values else None
 
 
@@ -258,12 +272,14 @@ METRICS = {"first_step_s": "first step", "step_s": "step", "step_cpu_s": "step C
 RATIOS_TO_A = ["first_step_s", "step_s", "step_cpu_s", "end_to_end_s"]
 RATIOS_TO_B = ["first_step_s", "step_s", "end_to_end_s"]
 SECOND_CALL = ["first_step_s", "end_to_end_s"]
+WARM_EVALUATE = "evaluate_s"
 
 
 def print_report(measurements, errors, options, workload):
     medians = {variant: {key: median_of(results, 0, key) for key in METRICS}
                for variant, results in measurements.items() if results}
-    second = {variant: {key: median_of(results, 1, key) for key in SECOND_CALL}
+    second = {variant: {**{key: median_of(results, 1, key) for key in SECOND_CALL},
+                        WARM_EVALUATE: median_of(results, 0, WARM_EVALUATE)}
               for variant, results in measurements.items() if results}
     config = workload["model_config"]
     print(f"\n### Trainer overhead — GPT-2 {config.n_layer}×{config.n_embd}, vocab {config.vocab_size}, "
@@ -277,7 +293,7 @@ def print_report(measurements, errors, options, workload):
     header = ["variant"] + [f"{name} s" for name in METRICS.values()]
     header += [f"{METRICS[key]} ÷(a)" for key in RATIOS_TO_A] + [f"{METRICS[key]} ÷(b)" for key in RATIOS_TO_B]
     if options.warm:
-        header += [f"2nd call: {METRICS[key]} s" for key in SECOND_CALL]
+        header += [f"2nd call: {METRICS[key]} s" for key in SECOND_CALL] + ["evaluate() after s"]
     header.append("torch threads")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -291,7 +307,7 @@ def print_report(measurements, errors, options, workload):
         cells += [format_ratio(row[key], reference_a.get(key)) for key in RATIOS_TO_A]
         cells += [format_ratio(row[key], reference_b.get(key)) for key in RATIOS_TO_B]
         if options.warm:
-            cells += [format_seconds(second[variant][key]) for key in SECOND_CALL]
+            cells += [format_seconds(second[variant][key]) for key in [*SECOND_CALL, WARM_EVALUATE]]
         cells.append(str(measurements[variant][0][0]["torch_threads"]))
         print("| " + " | ".join(cells) + " |")
     for variant, messages in errors.items():
@@ -319,6 +335,9 @@ def print_targets(medians, second, options):
     check("issue 6: first step (c), cold, 1 worker", c and c["first_step_s"], 8.0, " s")
     if options.warm:
         check("issue 6: first step of a second train() (c)", second.get("c", {}).get("first_step_s"), 3.0, " s")
+        a_eval, c_eval = second.get("a", {}).get(WARM_EVALUATE), second.get("c", {}).get(WARM_EVALUATE)
+        check("issue 6: evaluate() on a warm trainer, (c) minus (a)",
+              None if c_eval is None or a_eval is None else c_eval - a_eval, 1.0, " s")
 
 
 # ----------------------------------------------------------------------------- main

@@ -109,7 +109,8 @@ class PrintHeldOutAccuracy(TrainerCallback):
 
 
 def run(rounds: int = 10, prompts_per_round: int = 128, samples_per_prompt: int = 16, warmup_examples: int = 300,
-        warmup_epochs: int = 15, max_staleness: int = 0, learning_rate: float = 1e-3, batch_size: int = 32,
+        warmup_epochs: int = 30, max_staleness: int = 0, learning_rate: float = 1e-3, batch_size: int = 32,
+        best_k: int | None = None,
         output_dir: str = "out_iterative_sft", seed: int = 0, quiet: bool = False) -> dict:
     """Warm up, then iterate; returns accuracies before and after each round."""
     torch.set_num_threads(1)  # a tiny model: more threads only contend for the 2 cores
@@ -129,7 +130,8 @@ def run(rounds: int = 10, prompts_per_round: int = 128, samples_per_prompt: int 
     print(f"after warm-up: held-out accuracy {before:.1%}", flush=True)
     started = time.perf_counter()
     history = trainer.train(unlabelled, exact_match_reward, rounds, prompts_per_round=prompts_per_round,
-                            samples_per_prompt=samples_per_prompt, min_reward=1.0, max_staleness=max_staleness,
+                            samples_per_prompt=samples_per_prompt, min_reward=1.0, best_k=best_k,
+                            max_staleness=max_staleness,
                             generation_kwargs={"max_new_tokens": 5, "temperature": 1.0})
     seconds = time.perf_counter() - started
     print(f"held-out accuracy {before:.1%} -> {printer.accuracies[-1]:.1%} after {rounds} rounds "

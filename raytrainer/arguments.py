@@ -37,7 +37,7 @@ SUPPORTED_REPORT_TO = frozenset({"tensorboard"})
 SUPPORTED_SAMPLING = frozenset({"random", "sequential"})
 SUPPORTED_DDP_BACKENDS = frozenset({None, "gloo", "nccl"})
 RAY_FIELDS = ("num_workers", "use_gpu", "resources_per_worker", "placement_strategy", "max_failures",
-              "storage_path", "ray_address")
+              "storage_path", "ray_address", "worker_idle_timeout")
 
 
 @dataclass
@@ -56,6 +56,9 @@ class TrainingArguments(transformers.TrainingArguments):
             set it for multi-node runs. By default the checkpoints stay in `output_dir` and Ray Train keeps
             only a pointer to them (in `~/ray_results`).
         ray_address: the Ray cluster to use. `None`: `RAY_ADDRESS`, the job's cluster, or an embedded local Ray.
+        worker_idle_timeout: seconds the Trainer keeps its worker group alive between calls (train, evaluate,
+            predict reuse it). 0 releases the workers after every call. `trainer.close()`, a `with` block or the
+            driver's exit release them at once.
     """
 
     num_workers: int = field(default=1, metadata={"help": "Number of Ray Train workers (DDP processes)."})
@@ -65,6 +68,7 @@ class TrainingArguments(transformers.TrainingArguments):
     max_failures: int = field(default=0, metadata={"help": "Worker-group restarts after failures (-1: forever)."})
     storage_path: str | None = field(default=None, metadata={"help": "Ray Train checkpoint storage (path or s3://)."})
     ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address (else RAY_ADDRESS/local)."})
+    worker_idle_timeout: float = field(default=300.0, metadata={"help": "Seconds idle workers stay warm (0: none)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +90,10 @@ def check_ray_fields(args: Any) -> None:
         ):
             raise ValueError(f"resources_per_worker={args.resources_per_worker!r} is invalid: use a dict of "
                              "non-negative numbers such as {'CPU': 2, 'GPU': 1}.")
+    timeout = args.worker_idle_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"worker_idle_timeout={timeout!r} is invalid: use seconds >= 0 (0 releases the workers "
+                         "after every call).")
     if args.use_gpu and args.use_cpu:
         raise ValueError("use_gpu=True contradicts use_cpu=True: set only one of them.")
 

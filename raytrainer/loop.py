@@ -46,6 +46,10 @@ class Reporter:
         """A checkpoint to resume from after a restart of the worker group, if any."""
         return None
 
+    def cancelled(self) -> bool:
+        """Whether the caller gave up on this training (rank 0 asks; training then stops as if a callback said so)."""
+        return False
+
 
 _CONTROL_FLAGS = ("should_training_stop", "should_epoch_stop", "should_save", "should_evaluate", "should_log")
 
@@ -274,6 +278,8 @@ class WorkerTrainer:
                     self.maybe_log_save_evaluate(grad_norm, learning_rate, ignore_keys_for_eval, start_time)
                     if self.context.is_main:
                         self.reporter.progress(self.state.global_step, plan.max_steps)
+                        if self.reporter.cancelled():
+                            self.control.should_training_stop = True
                 else:
                     self.control = handler.on_substep_end(args, self.state, self.control)
                 if do_sync_step or last:

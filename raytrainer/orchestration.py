@@ -1,8 +1,9 @@
-"""The only place that wires Ray Train: Ray start-up, scaling, run/failure config, reporting, results.
+"""Ray Train on the worker side and the shared driver helpers: Ray start-up, scaling, reporting, data.
 
-`run_on_workers` runs one Command (train/evaluate/predict) of a TrainingJob on a Ray Train V2 `TorchTrainer`:
-every worker runs `raytrainer.loop.WorkerTrainer`; rank 0 streams logs and progress to the driver through a small
-event actor and hands back the result (weights as numpy arrays, trainer state, outputs) at the end.
+`run_command` runs one Command (train/evaluate/predict) of a TrainingJob inside a Ray Train worker with
+`raytrainer.loop.WorkerTrainer`; rank 0 streams logs and progress to the driver through the group's command
+channel and hands back the result (weights as numpy arrays, trainer state, outputs) at the end. The worker
+group itself (one long-lived `TorchTrainer.fit()`) lives in `raytrainer.worker_group`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
-import uuid
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import Checkpoint
 
 from raytrainer.arguments import ray_settings
 from raytrainer.data import ArrowPayload, from_arrow_payload
@@ -51,29 +49,16 @@ def ensure_ray(address: str | None = None) -> None:
     _EMBEDDED["started"] = starts_embedded
 
 
-# ---------------------------------------------------------------------------------------------- events
-@ray.remote(num_cpus=0)
-class EventChannel:
-    """Rank 0 pushes logs, progress and the final result; the driver drains them."""
-
-    def __init__(self):
-        self.events: list = []
-
-    def push(self, event: tuple) -> None:
-        self.events.append(event)
-
-    def drain(self) -> list:
-        events, self.events = self.events, []
-        return events
-
-
+# ---------------------------------------------------------------------------------------------- reporting
 class RayReporter:
-    """The worker loop's Reporter, implemented with Ray Train reports and the event channel."""
+    """The worker loop's Reporter, implemented with Ray Train reports and the group's command channel."""
 
-    def __init__(self, channel, rank: int, persist_checkpoints: bool):
-        self.channel, self.rank = channel, rank
+    def __init__(self, channel, rank: int, persist_checkpoints: bool, command_seq: int):
+        self.channel, self.rank, self.command_seq = channel, rank, command_seq
         self.persist_checkpoints = persist_checkpoints
         self.last_progress = 0.0
+        self.was_cancelled = False
+        self.cancellation_answer = None
 
     def log(self, entry: dict, state) -> None:
         self.channel.push.remote(("log", entry))
@@ -83,6 +68,20 @@ class RayReporter:
         if now - self.last_progress > 0.2 or global_step >= max_steps:
             self.last_progress = now
             self.channel.push.remote(("progress", global_step, max_steps))
+            self._poll_cancellation()
+
+    def _poll_cancellation(self) -> None:
+        """Ask the channel without waiting: the answer to the previous question is read at the next tick."""
+        asked = self.cancellation_answer
+        if asked is not None:
+            ready, _ = ray.wait([asked], timeout=0)
+            if not ready:
+                return
+            self.was_cancelled = ray.get(asked)
+        self.cancellation_answer = self.channel.is_cancelled.remote(self.command_seq)
+
+    def cancelled(self) -> bool:
+        return self.was_cancelled
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
@@ -94,9 +93,14 @@ class RayReporter:
         else:  # no storage_path: the checkpoint in output_dir is the record; Ray stores a pointer to it
             ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False,
                              checkpoint_upload_fn=_store_pointer)
+        if checkpoint is not None:  # from now on a restart of this command resumes from Ray Train's checkpoint
+            ray.get(self.channel.note_checkpoint.remote(self.command_seq))
 
     def latest_checkpoint(self) -> str | None:
-        """The checkpoint Ray Train restored after a worker-group restart (None on a first attempt)."""
+        """The checkpoint Ray Train restored after a worker-group restart, when this command reported it (a warm
+        group also holds the checkpoints of earlier commands); None on a first attempt."""
+        if not ray.get(self.channel.has_checkpoint.remote(self.command_seq)):
+            return None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
@@ -163,36 +167,42 @@ def _set_thread_share(context: Any, driver_threads: str | None) -> None:
     torch.set_num_threads(max(1, cores // local_world))
 
 
-def worker_main(config: dict) -> None:
-    """The Ray Train worker function: run one Command of the job, send rank 0's result to the driver."""
-    from raytrainer.distributed import WorkerContext
-    from raytrainer.loop import WorkerTrainer
-    from raytrainer.results import pack_result
+def prepare_worker(config: dict) -> int:
+    """Once per worker process: rank-tagged output and the torch thread share. Returns the world rank."""
     from raytrainer.worker_logs import tag_worker_output
 
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()
     tag_worker_output(rank)
     _set_thread_share(train_context, config.get("driver_threads"))
-    job: TrainingJob = ray.get(config["job"])
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (gather_object, barriers) use the current device
+    return rank
+
+
+def run_command(job_ref: Any, command: Command, seq: int, channel: Any, rank: int, config: dict) -> None:
+    """Run one Command of a job on this worker; rank 0 hands the result to the channel."""
+    from raytrainer.distributed import WorkerContext
+    from raytrainer.loop import WorkerTrainer
+    from raytrainer.results import pack_result
+
+    train_context = ray.train.get_context()
+    job: TrainingJob = ray.get(job_ref)
     if job.working_dir and os.path.isdir(job.working_dir):
         os.chdir(job.working_dir)
     job.train_dataset = _materialize(job.train_dataset, "train")
     job.eval_dataset = _materialize(job.eval_dataset, "eval")
-    command: Command = config["command"]
-    command.kwargs = {k: _materialize(v, k) for k, v in command.kwargs.items()}
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL collectives (gather_object, barriers) use the current device
+    kwargs = {k: _materialize(v, k) for k, v in command.kwargs.items()}
     context = WorkerContext(rank=rank, world_size=train_context.get_world_size(),
-                            local_rank=train_context.get_local_rank(), device=device)
+                            local_rank=train_context.get_local_rank(), device=ray.train.torch.get_device())
     if rank != 0:
         _quiet_replica(job.args)
-    reporter = RayReporter(config["channel"], rank, config["persist_checkpoints"])
+    reporter = RayReporter(channel, rank, config["persist_checkpoints"], seq)
     worker = WorkerTrainer(job, context, reporter)
-    output = getattr(worker, command.name)(**command.kwargs)
-    if rank == 0:
-        ray.get(config["channel"].push.remote(("result", pack_result(command.name, worker, output))))
+    output = getattr(worker, command.name)(**kwargs)
+    if rank == 0:  # by reference: the channel's process never unpickles (imports) what the result holds
+        ray.get(channel.finish.remote(seq, [ray.put(pack_result(command.name, worker, output))]))
 
 
 def _quiet_replica(args: Any) -> None:
@@ -276,65 +286,6 @@ def put_job(job: TrainingJob) -> ray.ObjectRef:
 
         check_picklable({f.name: getattr(job, f.name) for f in dataclasses.fields(job)})
         raise TypeError(f"The training job cannot be serialized to send it to the Ray workers: {error}") from error
-
-
-def run_on_workers(job: TrainingJob, command: Command, ray_datasets: dict | None = None,
-                   on_event: Callable[[tuple], None] = lambda event: None,
-                   run_callbacks: list | None = None, run_name: str | None = None) -> Any:
-    """Run `command` on a fresh Ray Train worker group; return rank 0's packed result."""
-    args = job.args
-    ensure_ray(ray_settings(args)["ray_address"])
-    spec = WorkerGroupSpec.of(args)
-    spec.check_fits_cluster()
-    job_ref = put_job(job)
-    channel = EventChannel.remote()
-    config = {"job": job_ref, "command": command, "channel": channel,
-              "persist_checkpoints": spec.storage_path is not None,
-              "driver_threads": os.environ.get("OMP_NUM_THREADS")}
-    run_config = RunConfig(
-        name=run_name or f"raytrainer-{command.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-        storage_path=spec.storage_path,
-        failure_config=FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=CheckpointConfig(
-            num_to_keep=(args.save_total_limit if spec.storage_path is not None else None)),
-        callbacks=run_callbacks or None,
-    )
-    trainer = TorchTrainer(
-        worker_main, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                     resources_per_worker=spec.resources_per_worker,
-                                     placement_strategy=spec.placement_strategy),
-        torch_config=TorchConfig(backend=spec.backend, timeout_s=spec.timeout_s),
-        run_config=run_config, datasets=ray_datasets or None)
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # re-raised on the driver's main thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=fit, name="raytrainer-fit", daemon=True)
-    thread.start()
-    packed = None
-    try:
-        while True:
-            finished = not thread.is_alive()
-            for event in ray.get(channel.drain.remote()):
-                if event[0] == "result":
-                    packed = event[1]
-                else:
-                    on_event(event)
-            if finished:
-                break
-            thread.join(timeout=0.2)
-    finally:
-        ray.kill(channel)
-    if "error" in outcome:
-        raise WorkerError.from_ray(outcome["error"]) from outcome["error"]
-    if packed is None:
-        raise RuntimeError("The Ray Train workers finished without sending a result; see the worker logs above.")
-    return packed
 
 
 class WorkerError(RuntimeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+import weakref
 from typing import Any, Callable
 
 import datasets
@@ -122,6 +123,8 @@ class Trainer:
         self._arrow_cache: dict[int, tuple[Any, ArrowPayload]] = {}
         self._object_store_cache: dict = {}
         self.hp_search_backend = None
+        self._workers, self._workers_key = None, None  # the warm Ray Train worker group (raytrainer.worker_group.WorkerGroup)
+        self._release_workers = None
         if args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)
 
@@ -245,9 +248,9 @@ class Trainer:
             preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
             input_columns=self._input_columns(self.model), trial=trial, state=state, working_dir=os.getcwd())
 
-    def _run(self, job: TrainingJob, command: Command, ray_datasets: dict, description: str,
-             run_callbacks: list | None = None) -> dict:
+    def _run(self, job: TrainingJob, command: Command, ray_datasets: dict, description: str) -> dict:
         from raytrainer import orchestration
+        from raytrainer.worker_group import WorkerStopped
 
         orchestration.ensure_ray(ray_settings(self.args)["ray_address"])
         job.train_dataset = orchestration.put_datasets(job.train_dataset, self._object_store_cache)
@@ -255,15 +258,53 @@ class Trainer:
         command.kwargs = {k: orchestration.put_datasets(v, self._object_store_cache)
                           for k, v in command.kwargs.items()}
         progress = DriverProgress(self.args.disable_tqdm, description)
+        keep_warm = ray_settings(self.args)["worker_idle_timeout"] > 0 and not ray_datasets
         try:
-            result = orchestration.run_on_workers(job, command, ray_datasets, on_event=progress,
-                                                  run_callbacks=run_callbacks)
+            try:
+                result = self._worker_group(ray_datasets).run(job, command, on_event=progress)
+            except WorkerStopped:  # the warm group timed out while idle: start a fresh one
+                self.close()
+                result = self._worker_group(ray_datasets).run(job, command, on_event=progress)
         finally:
             progress.close()
+            if not keep_warm:
+                self.close()
         self.state = state_from_dict(result["state"])
         self.state.is_world_process_zero = self.state.is_local_process_zero = True
         apply_callback_states(self._worker_callbacks(), result["callbacks"])
         return result
+
+    def _worker_group(self, ray_datasets: dict):
+        """The warm worker group for the current arguments, started when there is none (or they changed)."""
+        from raytrainer.orchestration import WorkerGroupSpec
+        from raytrainer.worker_group import WorkerGroup
+
+        spec = WorkerGroupSpec.of(self.args)
+        spec.check_fits_cluster()
+        settings = ray_settings(self.args)
+        key = (spec, self.args.save_total_limit, settings["worker_idle_timeout"])
+        if self._workers is not None and (self._workers_key != key or not self._workers.alive or ray_datasets):
+            self.close()
+        if self._workers is None:
+            group = WorkerGroup(spec, idle_timeout_s=settings["worker_idle_timeout"] or None,
+                                save_total_limit=self.args.save_total_limit, ray_datasets=ray_datasets)
+            group.start()
+            self._workers, self._workers_key = group, key
+            self._release_workers = weakref.finalize(self, group.close)
+        return self._workers
+
+    def close(self) -> None:
+        """Release the Ray Train workers this Trainer keeps warm between calls (also done by a `with` block, by
+        garbage collection, at driver exit and after `args.worker_idle_timeout` idle seconds)."""
+        if self._release_workers is not None:
+            self._release_workers()  # closes the group once, and detaches the finalizer
+        self._workers = self._release_workers = None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ----------------------------------------------------------------------------------- public API
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: dict | None = None,
@@ -290,7 +331,7 @@ class Trainer:
         job = self._job(ray_datasets, trial=trial, train=True)
         command = Command("train", {"resume_from_checkpoint": resume, "trial": trial,
                                     "ignore_keys_for_eval": ignore_keys_for_eval})
-        result = self._run(job, command, ray_datasets, "train", run_callbacks=getattr(self, "_run_callbacks", None))
+        result = self._run(job, command, ray_datasets, "train")
         apply_weights(self.model, result)
         return result["output"]
 

@@ -1,6 +1,6 @@
 """One hyperparameter-search trial: a Ray Tune function trainable whose training runs on Ray Train workers.
 
-The trial's thread starts the Ray Train run (`orchestration.run_on_workers`) in a helper thread and turns each
+The trial's thread starts the Ray Train run (`worker_group.run_once`) in a helper thread and turns each
 report of the workers into a Tune result: the Train controller hands rank 0's metrics and checkpoint to the trial
 through a small queue (`ForwardReports`), and the trial calls `ray.tune.report` with the metrics plus `objective`.
 Tune can then stop the trial (ASHA, ...) at any evaluation, or, for PBT, restart it from another trial's
@@ -24,7 +24,7 @@ from ray.util.queue import Queue
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy
 
-from raytrainer import checkpoints, orchestration
+from raytrainer import checkpoints, orchestration, worker_group
 from raytrainer.job import Command, TrainingJob
 from raytrainer.tuning import CHECKPOINT_PATH, OBJECTIVE, apply_hyperparameters
 
@@ -104,7 +104,7 @@ def run_trial(config: dict, trial_job: TrialJob) -> None:
 
     def train() -> None:
         try:
-            orchestration.run_on_workers(
+            worker_group.run_once(
                 job, command, trial_job.ray_datasets, run_callbacks=[ForwardReports(reports)],
                 run_name=f"trial-{context.get_trial_id()}-{uuid.uuid4().hex[:6]}")
         except BaseException as error:  # re-raised in the trial's thread below

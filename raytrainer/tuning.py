@@ -345,6 +345,7 @@ def hyperparameter_search(
                          report_checkpoints=is_population_based(settings.tune_kwargs.get("scheduler")))
     from raytrainer.search_results import make_progress_callback, summarize_search
 
+    trainer.close()  # the Trainer's own warm workers would hold resources the trials need
     progress = make_progress_callback(settings.mode, settings.scope)
     tune_kwargs = dict(settings.tune_kwargs)
     tune_kwargs["callbacks"] = [progress, *(tune_kwargs.get("callbacks") or [])]

@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import pytest
 
@@ -38,3 +39,12 @@ def ray_session():
                 os.environ["RAY_API_SERVER_ADDRESS"] = previous
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def release_warm_workers():
+    """Each test's Trainers release their warm worker groups when the test ends (CPUs for the next test)."""
+    yield
+    worker_group = sys.modules.get("raytrainer.worker_group")
+    if worker_group is not None:
+        worker_group.close_all_worker_groups()

@@ -212,5 +212,6 @@ def test_evaluate_scores_the_trained_weights(make_trainer):
 
 def test_arithmetic_example_learns_in_a_few_rounds(ray_session, tmp_path):
     """The example, shortened: exact-match rejection sampling lifts held-out accuracy."""
-    result = arithmetic.run(rounds=8, output_dir=str(tmp_path), quiet=True)  # full run: 10 rounds, +29 points
+    result = arithmetic.run(rounds=6, output_dir=str(tmp_path), quiet=True)
+    # Seen with seeds 0 and 1: +0.24 and +0.19 after 6 rounds (the warm-up ends near 33% either way).
     assert result["after"][-1] >= result["before"] + 0.10, result

@@ -1,0 +1,163 @@
+"""A Trainer keeps its Ray Train worker group warm between calls, and releases it when told, idle or collected."""
+
+import gc
+import os
+import time
+
+import numpy as np
+import pytest
+import transformers
+from transformers import TrainerCallback
+
+from helpers import RegressionModel, regression_dataset
+from parity import assert_weights_close, comparable, run_transformers
+from raytrainer import Trainer, TrainingArguments
+from test_fault_tolerance import KillWorkerOnce
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+class WorkerPids(TrainerCallback):
+    """Records rank 0's process id at every train/evaluate/predict (the driver sees rank 0's list)."""
+
+    def __init__(self):
+        self.pids = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.pids.append(os.getpid())
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.pids.append(os.getpid())
+
+    def on_predict(self, args, state, control, **kwargs):
+        self.pids.append(os.getpid())
+
+
+def build_model():
+    return RegressionModel()
+
+
+def common(**overrides):
+    values = dict(per_device_train_batch_size=8, per_device_eval_batch_size=4, learning_rate=0.1, logging_steps=1,
+                  max_steps=12, report_to=[], save_strategy="no", disable_tqdm=True)
+    return {**values, **overrides}
+
+
+def wait_until_gone(pid: int, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tmp_path):
+    data, held_out = regression_dataset(64), regression_dataset(16, seed=1)  # whole batches on 2 workers: the
+    theirs, _ = run_transformers(None, transformers.TrainingArguments(str(tmp_path / "hf"), **common()),  # same mean
+                                 model_init=build_model, train_dataset=data, eval_dataset=held_out)
+    their_eval, their_prediction = theirs.evaluate(), theirs.predict(held_out)
+
+    pids = WorkerPids()
+    args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(per_device_train_batch_size=4))
+    with Trainer(model_init=build_model, args=args, train_dataset=data, eval_dataset=held_out,
+                 callbacks=[pids]) as ours:
+        first = ours.train()  # cold: starts the worker group
+        first_weights = {k: v.clone() for k, v in ours.model.state_dict().items()}
+        second = ours.train()  # warm: model_init builds a fresh model on the same workers
+        assert_weights_close(theirs.model, ours.model, tol=1e-5)
+        assert second.training_loss == pytest.approx(first.training_loss, rel=1e-6)
+        for name, value in ours.model.state_dict().items():
+            assert (value - first_weights[name]).abs().max().item() <= 1e-6, name
+        evaluation = ours.evaluate()
+        prediction = ours.predict(held_out)
+        assert comparable(evaluation) == pytest.approx(comparable(their_eval), rel=1e-5)
+        np.testing.assert_allclose(prediction.predictions, their_prediction.predictions, rtol=1e-5)
+        assert len(pids.pids) == 4 and len(set(pids.pids)) == 1, pids.pids  # one worker process served every call
+        worker_pid = pids.pids[0]
+    assert wait_until_gone(worker_pid), "closing the Trainer must end its worker processes"
+
+
+def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
+    pids = WorkerPids()
+    args = TrainingArguments(str(tmp_path / "rt"), **common(max_steps=3))
+    trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
+    trainer.train()
+    trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(max_steps=3))
+    trainer.train()  # a different worker group shape: the old group is released, a new one starts
+    assert pids.pids[0] != pids.pids[1]
+    assert wait_until_gone(pids.pids[0])
+    trainer.close()
+    assert wait_until_gone(pids.pids[1])
+    trainer.evaluate(regression_dataset(8))  # a closed Trainer starts workers again when called
+    assert pids.pids[2] not in pids.pids[:2]
+    pid = pids.pids[2]
+    del trainer
+    gc.collect()
+    assert wait_until_gone(pid), "a garbage-collected Trainer must release its workers"
+
+
+def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp_path):
+    pids = WorkerPids()
+    args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=1, **common(max_steps=3))
+    trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
+                      eval_dataset=regression_dataset(8), callbacks=[pids])
+    trainer.train()
+    assert wait_until_gone(pids.pids[0], timeout_s=60)  # idle for 1 s: the workers exit on their own
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and pids.pids[1] != pids.pids[0]
+    trainer.close()
+
+
+def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
+    pids = WorkerPids()
+    args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=0, **common(max_steps=3))
+    trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
+    trainer.train()
+    assert trainer._workers is None and wait_until_gone(pids.pids[0])
+
+
+def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_path):
+    """The warm group already holds the first call's checkpoints; a restart in the second call must not use them."""
+    data = regression_dataset(48)
+    values = common(max_steps=16, save_strategy="steps", save_steps=4, learning_rate=0.05)
+    theirs, _ = run_transformers(None, transformers.TrainingArguments(str(tmp_path / "hf"), **values),
+                                 model_init=build_model, train_dataset=data)
+    marker = str(tmp_path / "killed.pid")
+    ours = {**values, "per_device_train_batch_size": 4}
+    first_args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2,
+                                   **{**ours, "learning_rate": 0.01})  # other weights at its checkpoint-16
+    trainer = Trainer(model_init=build_model, args=first_args, train_dataset=data)
+    trainer.train()
+    trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2, **ours)
+    trainer.add_callback(KillWorkerOnce(2, marker))  # step 2 of the second call: before it saved anything
+    trainer.train()
+    assert os.path.exists(marker)
+    assert trainer.state.global_step == 16
+    assert_weights_close(theirs.model, trainer.model, tol=1e-6)
+    trainer.close()
+
+
+class FailingMetrics:
+    def __call__(self, prediction):
+        raise ValueError("metric exploded on purpose")
+
+
+def test_an_error_in_a_warm_call_is_reported_and_the_next_call_works(tmp_path):
+    args = TrainingArguments(str(tmp_path / "rt"), **common(max_steps=3))
+    trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
+                      eval_dataset=regression_dataset(8))
+    trainer.train()
+    trainer.compute_metrics = FailingMetrics()
+    with pytest.raises(RuntimeError, match="metric exploded on purpose"):
+        trainer.evaluate()
+    trainer.compute_metrics = None
+    assert "eval_loss" in trainer.evaluate()
+    trainer.close()
+
+
+def test_bad_idle_timeout_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="worker_idle_timeout"):
+        TrainingArguments(str(tmp_path), worker_idle_timeout=-1)
