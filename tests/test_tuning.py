@@ -57,11 +57,10 @@ def test_asha_stops_a_trial_early_and_finds_the_best(ray_session, tmp_path):
 
 def test_pbt_exploit_restores_a_better_trials_checkpoint(ray_session, tmp_path):
     trainer = make_trainer(tmp_path, eval_steps=2, logging_steps=2)
-    # The good trial trains twice as long, so it is still running (and holds a PBT checkpoint) when the slow one
-    # reaches a perturbation point, even when its start lags behind on a busy machine.
-    space = lambda trial: {"learning_rate": tune.grid_search([GOOD_LR, SLOW_LR]),  # noqa: E731
-                           "max_steps": tune.sample_from(lambda spec: 40 if spec.config.learning_rate == GOOD_LR
-                                                         else 20)}
+    # 42 steps = 21 evaluations: the slow trial meets a perturbation point (every 4th evaluation) while the good one
+    # still runs, even when one trial starts late on a busy machine, and the last perturbation point (step 40) is
+    # not the end of training, so a trial restored from any perturbation checkpoint still trains and reports.
+    space = lambda trial: {"learning_rate": tune.grid_search([GOOD_LR, SLOW_LR]), "max_steps": 42}  # noqa: E731
     scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=4,
                                         hyperparam_mutations={"learning_rate": [SLOW_LR, GOOD_LR]})
     best = trainer.hyperparameter_search(hp_space=space, n_trials=1, scheduler=scheduler, scope="all")
