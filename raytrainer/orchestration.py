@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -53,9 +53,11 @@ def ensure_ray(address: str | None = None) -> None:
 class RayReporter:
     """The worker loop's Reporter, implemented with Ray Train reports and the group's command channel."""
 
-    def __init__(self, channel, rank: int, persist_checkpoints: bool, command_seq: int):
+    def __init__(self, channel, rank: int, persist_checkpoints: bool, command_seq: int,
+                 on_report: Callable[[dict, str | None], None] | None = None, checkpoint_prefix: str = ""):
         self.channel, self.rank, self.command_seq = channel, rank, command_seq
         self.persist_checkpoints = persist_checkpoints
+        self.on_report, self.checkpoint_prefix = on_report, checkpoint_prefix  # set for search trials
         self.last_progress = 0.0
         self.was_cancelled = False
         self.cancellation_answer = None
@@ -86,15 +88,20 @@ class RayReporter:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and self.rank == 0 else None
+        location = os.path.abspath(checkpoint_dir) if checkpoint is not None else None
         if checkpoint is None or self.persist_checkpoints:
-            name = os.path.basename(checkpoint_dir) if checkpoint is not None else None
+            name = self.checkpoint_prefix + os.path.basename(checkpoint_dir) if checkpoint is not None else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                              delete_local_checkpoint_after_upload=False)
+            if checkpoint is not None:
+                location = _persisted_location(name)
         else:  # no storage_path: the checkpoint in output_dir is the record; Ray stores a pointer to it
             ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False,
                              checkpoint_upload_fn=_store_pointer)
         if checkpoint is not None:  # from now on a restart of this command resumes from Ray Train's checkpoint
             ray.get(self.channel.note_checkpoint.remote(self.command_seq))
+        if self.on_report is not None and self.rank == 0:
+            self.on_report(metrics, location)
 
     def latest_checkpoint(self) -> str | None:
         """The checkpoint Ray Train restored after a worker-group restart, when this command reported it (a warm
@@ -113,6 +120,14 @@ class RayReporter:
 
 
 POINTER_NAME = "raytrainer_checkpoint_pointer.json"
+
+
+def _persisted_location(dir_name: str) -> str:
+    """Where Ray Train persisted a reported checkpoint: a local path, or a URI (s3://, gs://, ...)."""
+    storage = ray.train.get_context().get_storage()
+    path = os.path.join(storage.experiment_fs_path, dir_name)
+    kind = storage.storage_filesystem.type_name
+    return path if kind == "local" else f"{kind}://{path}"
 
 
 def _store_pointer(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
@@ -181,14 +196,15 @@ def prepare_worker(config: dict) -> int:
     return rank
 
 
-def run_command(job_ref: Any, command: Command, seq: int, channel: Any, rank: int, config: dict) -> None:
-    """Run one Command of a job on this worker; rank 0 hands the result to the channel."""
+def run_command(job: TrainingJob, command: Command, seq: int, channel: Any, rank: int, config: dict,
+                reporting: dict | None = None) -> None:
+    """Run one Command of a job on this worker; rank 0 hands the result to the channel. `reporting` (search
+    trials) holds the RayReporter's `on_report` and `checkpoint_prefix`; a trial's result stays on the worker."""
     from raytrainer.distributed import WorkerContext
     from raytrainer.loop import WorkerTrainer
     from raytrainer.results import pack_result
 
     train_context = ray.train.get_context()
-    job: TrainingJob = ray.get(job_ref)
     if job.working_dir and os.path.isdir(job.working_dir):
         os.chdir(job.working_dir)
     job.train_dataset = _materialize(job.train_dataset, "train")
@@ -198,11 +214,12 @@ def run_command(job_ref: Any, command: Command, seq: int, channel: Any, rank: in
                             local_rank=train_context.get_local_rank(), device=ray.train.torch.get_device())
     if rank != 0:
         _quiet_replica(job.args)
-    reporter = RayReporter(channel, rank, config["persist_checkpoints"], seq)
+    reporter = RayReporter(channel, rank, config["persist_checkpoints"], seq, **(reporting or {}))
     worker = WorkerTrainer(job, context, reporter)
     output = getattr(worker, command.name)(**kwargs)
     if rank == 0:  # by reference: the channel's process never unpickles (imports) what the result holds
-        ray.get(channel.finish.remote(seq, [ray.put(pack_result(command.name, worker, output))]))
+        packed = pack_result(command.name, worker, output) if reporting is None else None
+        ray.get(channel.finish.remote(seq, [ray.put(packed)]))
 
 
 def _quiet_replica(args: Any) -> None:

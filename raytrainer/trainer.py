@@ -293,6 +293,37 @@ class Trainer:
             self._release_workers = weakref.finalize(self, group.close)
         return self._workers
 
+    def _lend_workers(self, usable: bool):
+        """Hand this Trainer's warm worker group over to a hyperparameter search (None when there is none it can
+        use: other arguments, Ray Data, or Ray Train rotating checkpoints that trials need)."""
+        from raytrainer.orchestration import WorkerGroupSpec
+
+        group = self._workers
+        if group is None:
+            return None
+        self._release_workers.detach()
+        self._workers = self._release_workers = None
+        spec = WorkerGroupSpec.of(self.args)
+        if not (usable and group.alive and group.spec == spec
+                and (spec.storage_path is None or group.save_total_limit is None)):
+            group.close()
+            return None
+        return group
+
+    def _take_workers(self, group) -> None:
+        """Keep a running group of a hyperparameter search warm for this Trainer's next calls."""
+        if group is None:
+            return
+        settings = ray_settings(self.args)
+        spec = group.spec
+        if settings["worker_idle_timeout"] <= 0 or (spec.storage_path is not None and self.args.save_total_limit):
+            group.close()  # released after each call, or Ray Train should rotate checkpoints this group keeps
+            return
+        self.close()
+        group.set_idle_timeout(settings["worker_idle_timeout"])
+        self._workers, self._workers_key = group, (spec, self.args.save_total_limit, settings["worker_idle_timeout"])
+        self._release_workers = weakref.finalize(self, group.close)
+
     def close(self) -> None:
         """Release the Ray Train workers this Trainer keeps warm between calls (also done by a `with` block, by
         garbage collection, at driver exit and after `args.worker_idle_timeout` idle seconds)."""

@@ -18,16 +18,16 @@ from typing import Any, Callable, NamedTuple
 import transformers
 from transformers.trainer_utils import default_compute_objective, default_hp_space_ray
 
+from raytrainer.trial import CHECKPOINT_PATH  # the result key Ray's own Tune+Train integration uses
+
 DIRECTIONS = {"minimize": "min", "maximize": "max"}
 SCOPES = ("last", "all")
 OBJECTIVE = "objective"
-CHECKPOINT_PATH = "checkpoint_path"  # the result key Ray's own Tune+Train integration uses
 # Ray fields that fix the shape of every trial; searching over them would change the resources per trial.
 UNSEARCHABLE_FIELDS = frozenset({"num_workers", "use_gpu", "resources_per_worker", "placement_strategy",
                                  "max_failures", "storage_path", "ray_address", "output_dir"})
 # Tune kwargs that would break how trials run on Ray Train workers.
 REJECTED_TUNE_KWARGS = {
-    "reuse_actors": "a reused trial actor would keep the previous trial's Ray Train workers alive",
     "config": "the search space comes from `hp_space`",
     "num_samples": "the number of trials is `n_trials`",
     "metric": "the metric is always 'objective' (computed by `compute_objective`); give schedulers their own "
@@ -91,6 +91,7 @@ class SearchSettings:
     scope: str
     compute_objective: Callable[[dict[str, float]], float]
     tune_kwargs: dict[str, Any]
+    pool_size: int  # warm worker groups the trials share (as many as run side by side)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -240,12 +241,14 @@ def worker_resources(args: transformers.TrainingArguments, cluster: dict[str, fl
     return {name: amount * settings["num_workers"] for name, amount in per_worker.items() if amount}
 
 
-def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float], cluster: dict[str, float]) -> None:
-    """Set `resources_per_trial` and `max_concurrent_trials` so that trials never starve their own workers.
+def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
+                         cluster: dict[str, float]) -> int | None:
+    """Set `resources_per_trial` and `max_concurrent_trials` so that trials never starve their own workers;
+    return how many trials (with their workers) fit side by side, None when nothing limits it.
 
-    A Tune trial here only drives a Ray Train run, so by default it holds no CPU (just 1 byte of memory, as Tune
-    needs some resource); its workers ask Ray for their own resources. Concurrency is capped at what the cluster
-    can run side by side, so no trial waits forever for workers that other trials' drivers block.
+    A Tune trial here only relays a warm worker group's results, so by default it holds no CPU (just 1 byte of
+    memory, as Tune needs some resource); the groups ask Ray for the workers' resources. Concurrency is capped at
+    what the cluster can run side by side, so no trial waits forever for workers that other trials' drivers block.
     """
     missing = {name: (amount, cluster.get(name, 0)) for name, amount in workers.items()
                if amount > cluster.get(name, 0)}
@@ -254,25 +257,27 @@ def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
         raise ValueError(f"One trial's Ray Train workers need {details}, which this Ray cluster can never provide, so "
                          "no trial could start. Lower num_workers or resources_per_worker, or use a larger cluster.")
     driver = tune_kwargs.setdefault("resources_per_trial", {"cpu": 0, "memory": 1})
-    if not isinstance(driver, dict):  # a PlacementGroupFactory: the user sized the trials themselves
-        return
-    driver_need = {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
+    if isinstance(driver, dict):
+        driver_need = {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
+    else:  # a PlacementGroupFactory: the user sized the trials themselves
+        driver_need = {name: amount for name, amount in driver.required_resources.items() if name in ("CPU", "GPU")}
     per_trial = {name: workers.get(name, 0) + driver_need.get(name, 0) for name in set(workers) | set(driver_need)}
     fits = min((math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in per_trial.items() if amount),
                default=None)
     if fits is None:  # workers that need no resources: nothing to size
-        return
+        return None
     if fits < 1:
         raise ValueError(f"resources_per_trial={driver!r} plus the trial's workers ({workers}) exceed the cluster "
                          f"({cluster}): no trial could start. Leave resources_per_trial unset (a trial's driver "
                          "needs no CPU) or lower num_workers.")
     requested = tune_kwargs.get("max_concurrent_trials")
     if requested is None:
-        tune_kwargs["max_concurrent_trials"] = fits  # None: nothing limits it (only zero-resource workers)
+        tune_kwargs["max_concurrent_trials"] = fits
     elif any(driver_need.values()) and requested > fits:
         raise ValueError(f"max_concurrent_trials={requested} with resources_per_trial={driver!r}: the trial drivers "
                          f"would hold resources their own workers need (at most {fits} trials fit side by side). "
                          f"Use max_concurrent_trials<={fits} or leave resources_per_trial unset.")
+    return fits
 
 
 # ---------------------------------------------------------------------------------------------- trial arguments
@@ -335,22 +340,32 @@ def hyperparameter_search(
         `trainer.train(trial=best_run.hyperparameters)` trains the best configuration again.
     """
     settings = prepare_search(trainer, hp_space, compute_objective, n_trials, direction, backend, scope, kwargs)
+    import ray
     from ray import tune
 
-    from raytrainer.trial import TrialJob, run_trial
+    from raytrainer.orchestration import WorkerGroupSpec
+    from raytrainer.search_results import make_progress_callback, summarize_search
+    from raytrainer.trial import run_trial
+    from raytrainer.trial_pool import SearchGroups, tune_callback
+    from raytrainer.trial_worker import TrialJob
+    from raytrainer.worker_group import close_all_worker_groups
 
     job, ray_datasets = build_shared_job(trainer)
-    trial_job = TrialJob(job=job, ray_datasets=ray_datasets, compute_objective=settings.compute_objective,
-                         output_dir=os.path.abspath(trainer.args.output_dir), hp_name=hp_name,
-                         report_checkpoints=is_population_based(settings.tune_kwargs.get("scheduler")))
-    from raytrainer.search_results import make_progress_callback, summarize_search
-
-    trainer.close()  # the Trainer's own warm workers would hold resources the trials need
-    progress = make_progress_callback(settings.mode, settings.scope)
-    tune_kwargs = dict(settings.tune_kwargs)
-    tune_kwargs["callbacks"] = [progress, *(tune_kwargs.get("callbacks") or [])]
-    analysis = tune.run(tune.with_parameters(run_trial, trial_job=trial_job), config=settings.param_space,
-                        num_samples=n_trials, **tune_kwargs)
+    trial_job = TrialJob(job=job, compute_objective=settings.compute_objective,
+                         output_dir=os.path.abspath(trainer.args.output_dir), hp_name=hp_name)
+    adopted = trainer._lend_workers(usable=not ray_datasets)  # the Trainer's warm workers serve the first trials
+    close_all_worker_groups(idle_only=True, keep=adopted)  # other Trainers' idle workers would hold resources
+    groups = SearchGroups(WorkerGroupSpec.of(trainer.args), settings.pool_size, ray_datasets, adopted=adopted)
+    try:
+        progress = make_progress_callback(settings.mode, settings.scope)
+        tune_kwargs = dict(settings.tune_kwargs)
+        tune_kwargs["callbacks"] = [progress, tune_callback(groups), *(tune_kwargs.get("callbacks") or [])]
+        trainable = tune.with_parameters(
+            run_trial, pool=groups.lender, trial_job=[ray.put(trial_job)],
+            report_checkpoints=is_population_based(tune_kwargs.get("scheduler")))
+        analysis = tune.run(trainable, config=settings.param_space, num_samples=n_trials, **tune_kwargs)
+    finally:
+        trainer._take_workers(groups.close(keep_one=True))
     return summarize_search(analysis, progress.results, progress.stopped, settings.mode, settings.scope)
 
 
@@ -387,14 +402,24 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
     ensure_ray(ray_settings(trainer.args)["ray_address"])
     cluster = cluster_resources()
     tune_kwargs = dict(kwargs)
-    plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster)
+    fits = plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster)
     tune_kwargs.setdefault("storage_path", os.path.abspath(os.path.join(trainer.args.output_dir, "tune")))
     tune_kwargs.setdefault("verbose", 0)
     tune_kwargs.setdefault("raise_on_failed_trial", False)
-    tune_kwargs["reuse_actors"] = False
+    tune_kwargs.setdefault("reuse_actors", True)  # a trial actor holds no workers: the next trial starts at once
+    fits = fits or max(1, int(cluster.get("CPU", 1)))  # workers that need no resources: a group per CPU
+    pool_size = min(count_trials(config, n_trials), fits, tune_kwargs.get("max_concurrent_trials") or fits)
+    tune_kwargs["max_concurrent_trials"] = pool_size  # a trial beyond the pool would wait for a group anyway
     return SearchSettings(param_space=config, mode=mode, scope=scope,
                           compute_objective=compute_objective or default_compute_objective,
-                          tune_kwargs=tune_kwargs)
+                          tune_kwargs=tune_kwargs, pool_size=pool_size)
+
+
+def count_trials(param_space: dict[str, Any], n_trials: int) -> int:
+    """How many trials Tune will run: `n_trials` times every combination of the grid-search values."""
+    grid = math.prod(len(value["grid_search"]) for value in param_space.values()
+                     if isinstance(value, dict) and "grid_search" in value)
+    return n_trials * grid
 
 
 def check_callbacks_picklable(trainer: Any) -> None:

@@ -32,7 +32,7 @@ from raytrainer.orchestration import WorkerError, WorkerGroupSpec, put_job, run_
 
 logger = logging.getLogger(__name__)
 
-REPORT_POLL_INTERVAL_S = 0.25
+REPORT_POLL_INTERVAL_S = 0.05
 IDLE_CLEANUP_AFTER_S = 1.0  # workers collect garbage once they have waited this long for the next command
 
 
@@ -49,6 +49,7 @@ class CommandChannel:
         self.checkpointed: set[int] = set()
         self.cancelled: set[int] = set()
         self.last_active = time.monotonic()
+        self.ready = False  # rank 0 asked for its first command: the workers are up
         self.changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -76,6 +77,9 @@ class CommandChannel:
         condition = self._condition()
         deadline = None if wait_s is None else time.monotonic() + wait_s
         async with condition:
+            if not self.ready:
+                self.ready = True
+                condition.notify_all()
             while True:
                 if self.closed:
                     return None
@@ -97,6 +101,13 @@ class CommandChannel:
                     await asyncio.wait_for(condition.wait(), timeout=min(waits) if waits else None)
                 except asyncio.TimeoutError:
                     pass
+
+    async def wait_ready(self) -> bool:
+        """Wait until the workers are up (True), or the channel closed first (False)."""
+        condition = self._condition()
+        async with condition:
+            await condition.wait_for(lambda: self.ready or self.closed)
+            return self.ready
 
     async def push(self, event: tuple) -> None:
         self.events.append(event)
@@ -122,9 +133,38 @@ class CommandChannel:
             events, self.events = self.events, []
             return events
 
+    async def drain_for(self, seq: int, wait_s: float) -> list:
+        """The events of command `seq` ("trial_result", "result") and "stopped", waiting up to `wait_s` for one.
+        Events of older commands and the Trainer's log/progress events are dropped; a newer command's stay.
+        [("superseded",)] when a newer command was submitted: command `seq` was cancelled and handed over."""
+        def mine(event) -> bool:
+            return event[0] == "stopped" or (event[0] in ("trial_result", "result") and event[1] == seq)
+
+        def take() -> list:
+            kept = [e for e in self.events if e[0] in ("trial_result", "result") and e[1] > seq]
+            taken = [e for e in self.events if mine(e)]
+            self.events = kept
+            return taken
+
+        condition = self._condition()
+        async with condition:
+            if self.last_seq > seq:
+                return [("superseded",)]
+            if not any(mine(e) for e in self.events):
+                try:
+                    await asyncio.wait_for(condition.wait_for(lambda: any(mine(e) for e in self.events)
+                                                              or self.last_seq > seq), timeout=wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            return take()
+
     async def close(self) -> None:
         self.closed = True
         await self._notify()
+
+    async def set_idle_timeout(self, idle_timeout_s: float | None) -> None:
+        self.idle_timeout_s, self.last_active = idle_timeout_s, time.monotonic()
+        await self._notify()  # a worker waiting for a command recomputes its deadline
 
     def cancel(self, seq: int) -> None:
         self.cancelled.add(seq)
@@ -157,7 +197,13 @@ def serve_commands(config: dict) -> None:
         if item is None:
             return
         seq, payload = item
-        run_command(payload["job"], ray.get(payload["command"]), seq, channel, rank, config)
+        if "trial" in payload:  # a hyperparameter-search trial (see raytrainer.trial_worker)
+            from raytrainer.trial_worker import trial_command
+
+            job, command, reporting = trial_command(ray.get(payload["job"]), ray.get(payload["trial"]), channel, seq)
+        else:
+            job, command, reporting = ray.get(payload["job"]), ray.get(payload["command"]), None
+        run_command(job, command, seq, channel, rank, config, reporting)
         done = seq
 
 
@@ -174,10 +220,10 @@ class WorkerGroup:
     """The driver's handle on one warm worker group (a `TorchTrainer.fit()` running in a driver thread)."""
 
     def __init__(self, spec: WorkerGroupSpec, *, idle_timeout_s: float | None, save_total_limit: int | None = None,
-                 ray_datasets: dict | None = None, run_callbacks: list | None = None, run_name: str | None = None):
+                 ray_datasets: dict | None = None, run_name: str | None = None):
         self.spec, self.idle_timeout_s = spec, idle_timeout_s
         self.save_total_limit, self.ray_datasets = save_total_limit, ray_datasets or None
-        self.run_callbacks, self.run_name = run_callbacks or None, run_name
+        self.run_name = run_name
         self.channel = None
         self.thread: threading.Thread | None = None
         self.outcome: dict[str, Any] = {}
@@ -186,9 +232,10 @@ class WorkerGroup:
         self.last_used = time.monotonic()
 
     # ------------------------------------------------------------------ life cycle
-    def start(self) -> None:
+    def start(self, make_room: bool = True) -> None:
         spec = self.spec
-        _make_room(spec, exclude=self)
+        if make_room:
+            _make_room(spec, exclude=self)
         # The Train controller collects worker reports when it polls them (default every 2 s) and a worker's next
         # report waits for the previous one to be collected: poll often, so evaluations and checkpoints cost no
         # idle seconds. Ray Train passes the setting on to the controller it starts.
@@ -200,8 +247,7 @@ class WorkerGroup:
             name=self.run_name or f"raytrainer-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=spec.storage_path, failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=self.save_total_limit if spec.storage_path is not None else None),
-            callbacks=self.run_callbacks)
+                num_to_keep=self.save_total_limit if spec.storage_path is not None else None))
         trainer = TorchTrainer(
             serve_commands, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
@@ -210,15 +256,26 @@ class WorkerGroup:
             torch_config=TorchConfig(backend=spec.backend, timeout_s=spec.timeout_s),
             run_config=run_config, datasets=self.ray_datasets)
 
+        channel = self.channel
+
         def fit():
             try:
                 self.outcome["result"] = trainer.fit()
             except BaseException as error:  # reported by run() on the driver's main thread
                 self.outcome["error"] = error
+                try:  # and to whoever else waits on the channel (search trials)
+                    channel.push.remote(("stopped", str(WorkerError.from_ray(error))))
+                except Exception:  # noqa: BLE001 - Ray is shutting down
+                    pass
 
         self.thread = threading.Thread(target=fit, name="raytrainer-workers", daemon=True)
         self.thread.start()
         _LIVE_GROUPS.add(self)
+
+    def set_idle_timeout(self, idle_timeout_s: float | None) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        if self.channel is not None:
+            ray.get(self.channel.set_idle_timeout.remote(idle_timeout_s))
 
     @property
     def alive(self) -> bool:
@@ -284,7 +341,7 @@ class WorkerGroup:
                 if event[0] == "result":
                     if event[1] == seq:
                         return ray.get(event[2][0])
-                else:
+                elif event[0] != "stopped":  # a failed group is seen through `alive`
                     on_event(event)
             if finished:
                 break
@@ -295,20 +352,6 @@ class WorkerGroup:
 
 class WorkerStopped(RuntimeError):
     """The warm worker group had already stopped (closed or idle timeout)."""
-
-
-def run_once(job: TrainingJob, command: Command, ray_datasets: dict | None = None,
-             on_event: Callable[[tuple], None] = lambda event: None, run_callbacks: list | None = None,
-             run_name: str | None = None) -> dict:
-    """Run one command on a worker group of its own, released afterwards."""
-    group = WorkerGroup(WorkerGroupSpec.of(job.args), idle_timeout_s=None, save_total_limit=job.args.save_total_limit,
-                        ray_datasets=ray_datasets, run_callbacks=run_callbacks, run_name=run_name)
-    group.spec.check_fits_cluster()
-    group.start()
-    try:
-        return group.run(job, command, on_event)
-    finally:
-        group.close()
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -339,10 +382,11 @@ def _wait_for_release(spec: WorkerGroupSpec, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def close_all_worker_groups() -> None:
-    """Release every warm worker group of this driver (at exit, and for tests)."""
+def close_all_worker_groups(idle_only: bool = False, keep: WorkerGroup | None = None) -> None:
+    """Release every warm worker group of this driver (at exit, for tests), or every idle one but `keep`."""
     for group in list(_LIVE_GROUPS):
-        group.close()
+        if not (idle_only and group.busy) and group is not keep:
+            group.close()
 
 
 def _register_exit_hook() -> None:

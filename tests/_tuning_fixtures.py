@@ -30,10 +30,10 @@ def regression_data(n: int, seed: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input_x": x, "labels": y})
 
 
-def make_trainer(output_dir, **overrides) -> Trainer:
+def make_trainer(output_dir, callbacks=None, **overrides) -> Trainer:
     settings = dict(output_dir=str(output_dir), num_workers=1, max_steps=20, per_device_train_batch_size=16,
                     eval_strategy="steps", eval_steps=5, save_strategy="no", logging_steps=5,
                     report_to="none", disable_tqdm=True, seed=11)
     settings.update(overrides)
     return Trainer(model_init=RegressionModel, args=TrainingArguments(**settings),
-                   train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1))
+                   train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1), callbacks=callbacks)

@@ -1,8 +1,11 @@
 """Hyperparameter search on real Ray Tune: each trial trains a tiny regression on Ray Train workers."""
 
+import os
+
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from transformers import TrainerCallback
 
 from _tuning_fixtures import make_trainer
 from raytrainer import BestRun
@@ -57,24 +60,33 @@ def test_asha_stops_a_trial_early_and_finds_the_best(ray_session, tmp_path):
 
 def test_pbt_exploit_restores_a_better_trials_checkpoint(ray_session, tmp_path):
     trainer = make_trainer(tmp_path, eval_steps=2, logging_steps=2)
-    # 42 steps = 21 evaluations: the slow trial meets a perturbation point (every 4th evaluation) while the good one
-    # still runs, even when one trial starts late on a busy machine, and the last perturbation point (step 40) is
-    # not the end of training, so a trial restored from any perturbation checkpoint still trains and reports.
-    space = lambda trial: {"learning_rate": tune.grid_search([GOOD_LR, SLOW_LR]), "max_steps": 42}  # noqa: E731
-    scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=4,
+    # Synchronous PBT: both trials pause at every 4th evaluation, whichever one runs ahead (trials on warm workers
+    # take about a second, so the asynchronous variant would see them overlap only by chance).
+    scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=4, synch=True,
                                         hyperparam_mutations={"learning_rate": [SLOW_LR, GOOD_LR]})
-    best = trainer.hyperparameter_search(hp_space=space, n_trials=1, scheduler=scheduler, scope="all")
+    results = RecordResults()
+    trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, SLOW_LR), n_trials=1, scheduler=scheduler,
+                                  scope="all", callbacks=[results])
     assert scheduler._num_perturbations >= 1
-    frames = best.run_summary.trial_dataframes
-    good, slow = (frames[t.trial_id] for t in sorted(best.run_summary.trials, key=lambda t: t.trial_id))
+    good, slow = (results.by_trial[trial_id] for trial_id in sorted(results.by_trial))
     # The slow trial's first results are its own (loss ~11.7); after the exploit it continues from the good
     # trial's checkpoint, with the good trial's weights, optimizer, schedule and data order: the same numbers.
-    assert slow["objective"].iloc[0] > 10
-    restored = slow[slow["objective"] < 1]
-    assert len(restored) > 0
-    first = restored.iloc[0]
-    same_step = good[good["step"] == first["step"]]
-    assert same_step["objective"].iloc[0] == pytest.approx(first["objective"], rel=1e-5)
+    assert slow[0][1] > 10
+    restored = [(step, objective) for step, objective in slow if objective < 1]
+    assert restored
+    step, objective = restored[0]
+    assert dict(good)[step] == pytest.approx(objective, rel=1e-5)
+
+
+class RecordResults(tune.Callback):
+    """Every (step, objective) each trial reported, in order (Tune's saved dataframes keep only the results
+    since a trial's last restore)."""
+
+    def __init__(self):
+        self.by_trial: dict[str, list] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.by_trial.setdefault(trial.trial_id, []).append((result["step"], result["objective"]))
 
 
 def test_train_again_with_the_best_hyperparameters(lr_search):
@@ -85,3 +97,42 @@ def test_train_again_with_the_best_hyperparameters(lr_search):
     last_evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]
     assert last_evaluation["step"] == 20
     assert last_evaluation["eval_loss"] == pytest.approx(best.objective, rel=1e-6)  # same seed, same run
+
+
+class WorkerPid(TrainerCallback):
+    """Rank 0's process id at each evaluation (the driver sees it in the callback's state after a call)."""
+
+    def __init__(self):
+        self.pids = []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.pids.append(os.getpid())
+
+
+def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_others(ray_session, tmp_path):
+    pid_file = tmp_path / "trial_pids.txt"
+
+    def objective(metrics):  # runs on the trial's rank-0 worker
+        with open(pid_file, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        if metrics["eval_loss"] > 20:
+            raise ValueError("the loss exploded")
+        return metrics["eval_loss"]
+
+    evaluations = WorkerPid()
+    trainer = make_trainer(tmp_path, callbacks=[evaluations])
+    trainer.evaluate()  # starts the Trainer's warm worker group
+    warm_pid = evaluations.pids[-1]
+    results = RecordResults()
+    best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, WILD_LR, SLOW_LR), n_trials=1,
+                                         compute_objective=objective, callbacks=[results])
+    trial_pids = [int(line) for line in pid_file.read_text().split()]
+    assert trial_pids[0] == warm_pid  # the first trial trained on the Trainer's own worker process
+    statuses = {t.config["learning_rate"]: t.status for t in best.run_summary.trials}
+    assert statuses == {GOOD_LR: "TERMINATED", WILD_LR: "ERROR", SLOW_LR: "TERMINATED"}
+    wild = next(t for t in best.run_summary.trials if t.config["learning_rate"] == WILD_LR)
+    assert "the loss exploded" in open(wild.error_file).read()
+    assert best.hyperparameters == {"learning_rate": GOOD_LR}
+    assert len(results.by_trial) == 3  # the trial after the failed one still reported (on a fresh group)
+    trainer.evaluate()  # the search handed a running group back to the Trainer
+    assert evaluations.pids[-1] in trial_pids

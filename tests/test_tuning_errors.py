@@ -78,7 +78,6 @@ def test_scheduler_metric_that_is_never_reported(tmp_path):
 
 
 def test_tune_arguments_that_would_break_trials(tmp_path):
-    search_error(make_trainer(tmp_path), "reuse_actors=True", reuse_actors=True)
     search_error(make_trainer(tmp_path), "num_samples", num_samples=3)
     search_error(make_trainer(tmp_path), "metric='eval_loss'", metric="eval_loss")
 
