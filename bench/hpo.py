@@ -4,10 +4,12 @@ Both sides search the same 8 learning rates (a grid, so both see the same candid
 (y = 2x + 3, 24 steps of batch 16, an evaluation every 4 steps), minimizing eval loss:
   (a) transformers.Trainer.hyperparameter_search, optuna backend in-process (GridSampler, optuna's default
       MedianPruner), or its Ray backend when optuna is not installed;
-  (b) raytrainer.Trainer.hyperparameter_search on Ray Tune with ASHA, each trial on a 1-worker Ray Train group.
+  (b) raytrainer.Trainer.hyperparameter_search on Ray Tune with ASHA, trials on 1-worker Ray Train groups that
+      the search keeps warm: "cold" is a Trainer's first search (its workers start), "warm" a second search on
+      the same Trainer (on the workers the first one handed back).
 Ray is started once before the repeats (like a running cluster); its start-up time is printed separately.
 Time to target = seconds from the search's start to the first evaluation within 1% of the best objective that either
-side reached in that repeat. Prints a markdown table of medians over repeats and the ratio ours/theirs.
+side reached in that repeat. Prints a markdown table of medians over repeats and the ratios ours/theirs.
 
     python bench/hpo.py [--repeats 3] [--trials 8]
 """
@@ -93,31 +95,37 @@ def run_transformers(n_trials: int) -> dict:
             "stopped": None}
 
 
-def run_raytrainer(n_trials: int) -> dict:
+def run_raytrainer(n_trials: int) -> tuple[dict, dict]:
+    """Two searches on one Trainer: cold (Ray running, no workers yet), then warm (on the workers the first
+    search handed back to the Trainer, as a second search or a search after train()/evaluate() runs)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from raytrainer import Trainer, TrainingArguments
 
-    start, records = [0.0], []
-
-    class ResultClock(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            records.append((time.perf_counter() - start[0], result["objective"]))
-
+    sides = []
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(model_init=RegressionModel, args=TrainingArguments(num_workers=1, **common_args(output_dir)),
                           train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1))
-        scheduler = ASHAScheduler(max_t=STEPS // EVAL_STEPS, grace_period=2, reduction_factor=2)
-        start[0] = time.perf_counter()
-        grid = LEARNING_RATES[:n_trials]
-        best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(grid)},
-                                             n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
-        wall = time.perf_counter() - start[0]
-        stopped = sum(1 for t in best.run_summary.trials
-                      if t.last_result.get("training_iteration", 0) < STEPS // EVAL_STEPS)
-    return {"side": "raytrainer (Ray Tune + ASHA)", "wall": wall, "best": best.objective, "records": records,
-            "stopped": stopped}
+        for label in ("cold", "warm"):
+            start, records = [0.0], []
+
+            class ResultClock(tune.Callback):
+                def on_trial_result(self, iteration, trials, trial, result, **info):
+                    records.append((time.perf_counter() - start[0], result["objective"]))
+
+            scheduler = ASHAScheduler(max_t=STEPS // EVAL_STEPS, grace_period=2, reduction_factor=2)
+            grid = LEARNING_RATES[:n_trials]
+            start[0] = time.perf_counter()
+            best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(grid)},
+                                                 n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
+            wall = time.perf_counter() - start[0]
+            stopped = sum(1 for t in best.run_summary.trials
+                          if t.last_result.get("training_iteration", 0) < STEPS // EVAL_STEPS)
+            sides.append({"side": f"raytrainer {label} (Ray Tune + ASHA)", "wall": wall, "best": best.objective,
+                          "records": records, "stopped": stopped})
+        trainer.close()
+    return sides[0], sides[1]
 
 
 def time_to_target(records: list, target: float) -> float:
@@ -147,28 +155,31 @@ def main() -> None:
     ray_start = time.perf_counter() - started
     rows = []
     for repeat in range(options.repeats):
-        theirs, ours = run_transformers(options.trials), run_raytrainer(options.trials)
-        target = min(theirs["best"], ours["best"]) * 1.01
-        for side in (theirs, ours):
+        theirs = run_transformers(options.trials)
+        cold, warm = run_raytrainer(options.trials)
+        row = (theirs, cold, warm)
+        target = min(side["best"] for side in row) * 1.01
+        for side in row:
             side["to_target"] = time_to_target(side["records"], target)
-        rows.append((theirs, ours))
-        print(f"repeat {repeat}: target {target:.5g} | {theirs['side']}: wall {theirs['wall']:.1f}s best "
-              f"{theirs['best']:.5g} to-target {theirs['to_target']:.1f}s | {ours['side']}: wall {ours['wall']:.1f}s "
-              f"best {ours['best']:.5g} to-target {ours['to_target']:.1f}s stopped early {ours['stopped']}", flush=True)
+        rows.append(row)
+        print(f"repeat {repeat}: target {target:.5g} | " + " | ".join(
+            f"{side['side']}: wall {side['wall']:.1f}s best {side['best']:.5g} to-target {side['to_target']:.1f}s"
+            + (f" stopped early {side['stopped']}" if side["stopped"] is not None else "") for side in row), flush=True)
 
     def median(side: int, key: str) -> float:
         return statistics.median(row[side][key] for row in rows)
 
-    names = (rows[0][0]["side"], rows[0][1]["side"])
+    names = [side["side"] for side in rows[0]]
     print(f"\n{options.trials} trials x {STEPS} steps (eval every {EVAL_STEPS}), medians over {options.repeats} "
           f"repeats; Ray start-up before the repeats: {ray_start:.1f}s\n")
-    print(f"| metric | {names[0]} | {names[1]} | ratio ours/theirs |")
-    print("|---|---|---|---|")
+    print(f"| metric | {names[0]} | {names[1]} | {names[2]} | ratio cold/theirs | ratio warm/theirs |")
+    print("|---|---|---|---|---|---|")
     for label, key, unit in (("wall time", "wall", "s"), ("time to target (1% of best)", "to_target", "s"),
                              ("best objective (eval loss)", "best", "")):
-        theirs, ours = median(0, key), median(1, key)
-        print(f"| {label} | {theirs:.4g}{unit} | {ours:.4g}{unit} | {ours / theirs:.2f} |")
-    print(f"| trials stopped early | - | {statistics.median(row[1]['stopped'] for row in rows):g} | |")
+        theirs, cold, warm = median(0, key), median(1, key), median(2, key)
+        print(f"| {label} | {theirs:.4g}{unit} | {cold:.4g}{unit} | {warm:.4g}{unit} | {cold / theirs:.2f} | "
+              f"{warm / theirs:.2f} |")
+    print(f"| trials stopped early | - | {median(1, 'stopped'):g} | {median(2, 'stopped'):g} | | |")
 
 
 if __name__ == "__main__":

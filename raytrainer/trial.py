@@ -34,12 +34,15 @@ def run_trial(config: dict, pool: Any, trial_job: list, report_checkpoints: bool
     trial_id = tune.get_context().get_trial_id()
     restored = tune.get_checkpoint()  # set when PBT restarts this trial from another trial's checkpoint
     run = TrialRun(trial_id, dict(config), restored.path if restored is not None else None)
-    loan, channel = ray.get(pool.acquire.remote(trial_id))
-    seq, finished = None, False
+    payload = {"job": trial_job[0], "trial": ray.put(run)}
+    while True:  # a group whose run failed since it was lent takes no command: borrow another
+        loan, channel = ray.get(pool.acquire.remote(trial_id))
+        seq = ray.get(pool.submit.remote(loan, payload))
+        if seq is not None:
+            break
+        pool.release.remote(loan, failed=True)
+    finished = failed = False
     try:
-        seq = ray.get(pool.submit.remote(loan, {"job": trial_job[0], "trial": ray.put(run)}))
-        if seq is None:
-            raise RuntimeError("The trial's worker group stopped before it could start training.")
         while not finished:
             for event in ray.get(channel.drain_for.remote(seq, 0.5)):
                 if event[0] == "trial_result":
@@ -50,10 +53,11 @@ def run_trial(config: dict, pool: Any, trial_job: list, report_checkpoints: bool
                 elif event[0] == "result":
                     finished = True
                 elif event[0] == "stopped":
+                    failed = True
                     raise RuntimeError(event[1])
                 elif event[0] == "superseded":
-                    return  # Tune ended this trial and the pool handed its group on
+                    return  # Tune ended this trial and the lender handed its group on
     finally:
-        if seq is not None and not finished:
+        if not finished:
             channel.cancel.remote(seq)  # Tune stopped the trial: training stops at its next step
-        pool.release.remote(loan)
+        pool.release.remote(loan, failed=failed)

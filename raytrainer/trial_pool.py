@@ -37,7 +37,7 @@ class GroupLender:
         self.loans: dict[int, list] = {}  # loan -> [group index, trial_id, seq of its command or None]
         self.loan_ids = itertools.count()
         self.waiting = 0
-        self.last_lent = time.monotonic()
+        self.last_progress = time.monotonic()  # when a group was last lent or added
         self.returned: list[int] = []  # one-shot groups back from a loan, to be replaced by the driver
         self.error: str | None = None
         self.changed: asyncio.Condition | None = None
@@ -59,7 +59,7 @@ class GroupLender:
             if self.error is not None:
                 raise RuntimeError(self.error)
             index = self.free.pop(0)
-            self.last_lent = time.monotonic()
+            self.last_progress = time.monotonic()
             loan = next(self.loan_ids)
             self.loans[loan] = [index, trial_id, None]
             return loan, self.channels[index]
@@ -74,7 +74,10 @@ class GroupLender:
             self.loans[loan][2] = seq
         return seq
 
-    async def release(self, loan: int) -> None:
+    async def release(self, loan: int, failed: bool = False) -> None:
+        """The trial is done with its group; `failed`: the group's Ray Train run failed, lend it no more."""
+        if failed and loan in self.loans:
+            self.withdraw(self.loans[loan][0])
         await self._take_back(loan)
 
     async def end_trial(self, trial_id: str) -> None:
@@ -101,6 +104,7 @@ class GroupLender:
 
     async def add(self, index: int, channel: Any) -> None:
         async with self._condition():
+            self.last_progress = time.monotonic()
             self.channels[index] = channel
             self.free.append(index)
             self._condition().notify_all()
@@ -119,9 +123,9 @@ class GroupLender:
 
     def status(self) -> tuple[int, bool, list[int]]:
         """How many trials wait for a group; whether they waited `MORE_GROUPS_AFTER_S` without any group being lent
-        (so another group would pay off); the one-shot groups returned since the last call."""
+        or added (so another group would pay off); the one-shot groups returned since the last call."""
         returned, self.returned = self.returned, []
-        starved = self.waiting > 0 and time.monotonic() - self.last_lent > MORE_GROUPS_AFTER_S
+        starved = self.waiting > 0 and time.monotonic() - self.last_progress > MORE_GROUPS_AFTER_S
         return self.waiting, starved, returned
 
 
@@ -137,7 +141,7 @@ class SearchGroups:
         self.last_tick = 0.0
         if adopted is not None and adopted.alive:
             self.groups[0] = adopted
-            ray.get(self.lender.add.remote(0, adopted.channel))
+            self.lender.add.remote(0, adopted.channel)
             self.ever_ready = True
         else:
             self._start(0)
@@ -163,7 +167,8 @@ class SearchGroups:
                 self.starting = None
                 if ray.get(ready):
                     self.ever_ready = True
-                    self.lender.add.remote(index, self.groups[index].channel)
+                    # Waited for: an async actor may run the next call (status) before this one.
+                    ray.get(self.lender.add.remote(index, self.groups[index].channel))
         for index, group in list(self.groups.items()):
             if not group.alive:
                 if self.starting is not None and self.starting[0] == index:

@@ -1,9 +1,11 @@
 """Hyperparameter search on Ray Tune: `Trainer.hyperparameter_search`, each trial trained by Ray Train workers.
 
 The driver validates everything, builds one picklable trial job (datasets already in the object store), and
-runs `ray.tune.run`. Each trial is a Tune function trainable that starts a Ray Train `TorchTrainer` (see
-`trial.py`); every evaluation reaches Tune with its metrics plus `objective`, so schedulers (ASHA, PBT, ...)
-act mid-training. The result is a transformers-style `BestRun` plus the best trial's checkpoint.
+runs `ray.tune.run`. Each trial is a light Tune function trainable (`trial.py`) that trains on one of the
+search's warm Ray Train worker groups (`trial_pool.py`: started once, shared by the trials one at a time, adopted
+from and handed back to the Trainer); every evaluation reaches Tune with its metrics plus `objective`, so
+schedulers (ASHA, PBT, ...) act mid-training. The result is a transformers-style `BestRun` plus the best trial's
+checkpoint.
 """
 
 from __future__ import annotations

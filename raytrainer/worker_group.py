@@ -50,6 +50,7 @@ class CommandChannel:
         self.cancelled: set[int] = set()
         self.last_active = time.monotonic()
         self.ready = False  # rank 0 asked for its first command: the workers are up
+        self.failure: str | None = None  # why the Ray Train run failed (no command runs any more)
         self.changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -62,8 +63,8 @@ class CommandChannel:
             self._condition().notify_all()
 
     async def submit(self, payload: dict) -> int | None:
-        """Queue a command for the workers; None when the group has stopped (closed or idle too long)."""
-        if self.closed:
+        """Queue a command for the workers; None when the group has stopped (closed, idle too long, failed)."""
+        if self.closed or self.failure is not None:
             return None
         self.last_seq += 1
         self.pending, self.last_active = (self.last_seq, payload), time.monotonic()
@@ -134,11 +135,12 @@ class CommandChannel:
             return events
 
     async def drain_for(self, seq: int, wait_s: float) -> list:
-        """The events of command `seq` ("trial_result", "result") and "stopped", waiting up to `wait_s` for one.
-        Events of older commands and the Trainer's log/progress events are dropped; a newer command's stay.
-        [("superseded",)] when a newer command was submitted: command `seq` was cancelled and handed over."""
+        """The events of command `seq` ("trial_result", "result"), waiting up to `wait_s` for one. Events of older
+        commands and the Trainer's log/progress events are dropped; a newer command's stay. [("superseded",)]
+        when a newer command was submitted (command `seq` was cancelled and handed over); [("stopped", why)]
+        when the group failed."""
         def mine(event) -> bool:
-            return event[0] == "stopped" or (event[0] in ("trial_result", "result") and event[1] == seq)
+            return event[0] in ("trial_result", "result") and event[1] == seq
 
         def take() -> list:
             kept = [e for e in self.events if e[0] in ("trial_result", "result") and e[1] > seq]
@@ -152,11 +154,17 @@ class CommandChannel:
                 return [("superseded",)]
             if not any(mine(e) for e in self.events):
                 try:
-                    await asyncio.wait_for(condition.wait_for(lambda: any(mine(e) for e in self.events)
-                                                              or self.last_seq > seq), timeout=wait_s)
+                    await asyncio.wait_for(condition.wait_for(
+                        lambda: any(mine(e) for e in self.events) or self.last_seq > seq or self.failure is not None),
+                        timeout=wait_s)
                 except asyncio.TimeoutError:
                     pass
-            return take()
+            taken = take()
+            return taken if taken or self.failure is None else [("stopped", self.failure)]
+
+    async def fail(self, why: str) -> None:
+        self.failure = why
+        await self._notify()
 
     async def close(self) -> None:
         self.closed = True
@@ -264,7 +272,7 @@ class WorkerGroup:
             except BaseException as error:  # reported by run() on the driver's main thread
                 self.outcome["error"] = error
                 try:  # and to whoever else waits on the channel (search trials)
-                    channel.push.remote(("stopped", str(WorkerError.from_ray(error))))
+                    channel.fail.remote(str(WorkerError.from_ray(error)))
                 except Exception:  # noqa: BLE001 - Ray is shutting down
                     pass
 
@@ -341,7 +349,7 @@ class WorkerGroup:
                 if event[0] == "result":
                     if event[1] == seq:
                         return ray.get(event[2][0])
-                elif event[0] != "stopped":  # a failed group is seen through `alive`
+                else:
                     on_event(event)
             if finished:
                 break

@@ -133,6 +133,7 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
     wild = next(t for t in best.run_summary.trials if t.config["learning_rate"] == WILD_LR)
     assert "the loss exploded" in open(wild.error_file).read()
     assert best.hyperparameters == {"learning_rate": GOOD_LR}
-    assert len(results.by_trial) == 3  # the trial after the failed one still reported (on a fresh group)
+    slow = next(t for t in best.run_summary.trials if t.config["learning_rate"] == SLOW_LR)
+    assert len(results.by_trial[slow.trial_id]) == 4  # the trial after the failed one trained (on a fresh group)
     trainer.evaluate()  # the search handed a running group back to the Trainer
     assert evaluations.pids[-1] in trial_pids
