@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import ray
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
+from transformers.trainer_utils import rotate_checkpoints
 
 from actors.generator import GeneratorActor
 from actors.rollouts import KeepRule
@@ -263,7 +264,8 @@ class IterativeSFTTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _save_round_checkpoint(self, completed_rounds: int) -> Path:
-        """`output_dir/checkpoint-<global_step>/`: model, optimizer, scheduler and the round bookkeeping."""
+        """`output_dir/checkpoint-<global_step>/`: model, optimizer, scheduler and the round bookkeeping; older
+        ones beyond `save_total_limit` are deleted, as transformers does."""
         final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -273,6 +275,7 @@ class IterativeSFTTrainer:
                                                        "history": self.history}))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
+        rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=self.args.save_total_limit)
         return final
 
     def _resume(self, checkpoint: bool | str) -> int:

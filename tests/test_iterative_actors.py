@@ -159,9 +159,10 @@ def test_killed_generator_process_is_restarted_with_the_latest_weights(make_trai
 
 
 def test_resume_continues_after_the_last_completed_round(make_trainer, tmp_path):
-    first = make_trainer(save_strategy="steps", save_steps=1)
+    first = make_trainer(save_strategy="steps", save_steps=1, save_total_limit=1)
     first.train(TEXTS, length_reward, 2, samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3})
     checkpoint = tmp_path / "checkpoint-4"  # 8 kept samples / batch 4 = 2 optimizer steps per round
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]  # checkpoint-2 rotated away
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
         p.name for p in checkpoint.iterdir()}
     trained = {k: v.clone() for k, v in first.model.state_dict().items()}
