@@ -127,13 +127,14 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
     best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, WILD_LR, SLOW_LR), n_trials=1,
                                          compute_objective=objective, callbacks=[results])
     trial_pids = [int(line) for line in pid_file.read_text().split()]
-    assert trial_pids[0] == warm_pid  # the first trial trained on the Trainer's own worker process
     statuses = {t.config["learning_rate"]: t.status for t in best.run_summary.trials}
-    assert statuses == {GOOD_LR: "TERMINATED", WILD_LR: "ERROR", SLOW_LR: "TERMINATED"}
+    context = f"warm pid {warm_pid}, trial pids {trial_pids}, statuses {statuses}, results {results.by_trial}"
+    assert trial_pids[0] == warm_pid, context  # the first trial trained on the Trainer's own worker process
+    assert statuses == {GOOD_LR: "TERMINATED", WILD_LR: "ERROR", SLOW_LR: "TERMINATED"}, context
     wild = next(t for t in best.run_summary.trials if t.config["learning_rate"] == WILD_LR)
     assert "the loss exploded" in open(wild.error_file).read()
     assert best.hyperparameters == {"learning_rate": GOOD_LR}
     slow = next(t for t in best.run_summary.trials if t.config["learning_rate"] == SLOW_LR)
-    assert len(results.by_trial[slow.trial_id]) == 4  # the trial after the failed one trained (on a fresh group)
+    assert len(results.by_trial[slow.trial_id]) == 4, context  # the trial after the failed one trained
     trainer.evaluate()  # the search handed a running group back to the Trainer
-    assert evaluations.pids[-1] in trial_pids
+    assert evaluations.pids[-1] in trial_pids, (evaluations.pids, context)
