@@ -282,7 +282,7 @@ class Trainer:
         spec = WorkerGroupSpec.of(self.args)
         spec.check_fits_cluster()
         settings = ray_settings(self.args)
-        key = (spec, self.args.save_total_limit, settings["worker_idle_timeout"])
+        key = self._group_key(spec)
         if self._workers is not None and (self._workers_key != key or not self._workers.alive or ray_datasets):
             self.close()
         if self._workers is None:
@@ -292,6 +292,10 @@ class Trainer:
             self._workers, self._workers_key = group, key
             self._release_workers = weakref.finalize(self, group.close)
         return self._workers
+
+    def _group_key(self, spec) -> tuple:
+        """What a warm group must match to serve a call with the current arguments."""
+        return spec, self.args.save_total_limit, ray_settings(self.args)["worker_idle_timeout"]
 
     def _lend_workers(self, usable: bool):
         """Hand this Trainer's warm worker group over to a hyperparameter search (None when there is none it can
@@ -321,7 +325,7 @@ class Trainer:
             return
         self.close()
         group.set_idle_timeout(settings["worker_idle_timeout"])
-        self._workers, self._workers_key = group, (spec, self.args.save_total_limit, settings["worker_idle_timeout"])
+        self._workers, self._workers_key = group, self._group_key(spec)
         self._release_workers = weakref.finalize(self, group.close)
 
     def close(self) -> None:

@@ -1,11 +1,11 @@
 """One hyperparameter-search trial as Tune runs it: a thin relay to a warm worker group of the search's pool.
 
-The trial borrows a running Ray Train worker group from the search's `TrialGroups` pool, hands it the search's
-shared job plus its own hyperparameters (`TrialRun`), and passes every evaluation the workers send back to
+The trial borrows a running Ray Train worker group from the search's `GroupLender` (trial_pool.py), hands it
+the search's shared job plus its own hyperparameters (`TrialRun`), and passes every evaluation the workers send back to
 `ray.tune.report`, so that schedulers (ASHA, PBT, ...) act mid-training. Nothing here imports torch or
 transformers: a reused trial actor starts the next trial in milliseconds, and the workers stay warm between
 trials. When Tune stops or pauses the trial, the command is cancelled (training stops at its next step) and the
-group goes back to the pool; a PBT restart passes the checkpoint Tune restored to the workers.
+group goes back to the lender; a PBT restart passes the checkpoint Tune restored to the workers.
 """
 
 from __future__ import annotations
