@@ -10,6 +10,7 @@ import ray
 import torch
 
 from actors.rollouts import KeepRule, write_rollouts
+from actors.sampling import can_share_prefill, sample_with_shared_prefill
 from actors.weights import WeightVersion, unpack_weights
 from raytrainer.sft_step import IGNORE_INDEX
 
@@ -56,7 +57,12 @@ class GeneratorActor:
         tokenizer = self.tokenizer
         encoded = tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
         generation_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        outputs = self.model.generate(**encoded, **generation_kwargs).tolist()
+        samples = generation_kwargs.get("num_return_sequences", 1)
+        if can_share_prefill(self.model, encoded, samples, generation_kwargs):
+            kwargs = {k: v for k, v in generation_kwargs.items() if k != "num_return_sequences"}
+            outputs = sample_with_shared_prefill(self.model, encoded, samples, **kwargs).tolist()
+        else:
+            outputs = self.model.generate(**encoded, **generation_kwargs).tolist()
         samples = len(outputs) // len(prompts)
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
         start = 1 if self.is_encoder_decoder else encoded["input_ids"].shape[1]  # skip decoder start / prompt

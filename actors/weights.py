@@ -1,17 +1,18 @@
 """Versioned weight sync from the trainer actor to the generator actor.
 
-`pack_weights` copies every distinct tensor of a model's state dict (tied weights once) into ONE flat
-byte buffer, a numpy array: returned from an actor it goes through Ray's object store as a single
-object, and a reader on the same node maps it without a copy. `unpack_weights` copies the bytes into
-the receiving model's tensors. `WeightBroadcastGroup` is the GPU path: the same flat buffer broadcast
-over a NCCL (or, on CPU, gloo) process group of its own, outside the trainers' DDP group.
+`pack_weights` views every distinct tensor of a model's state dict (tied weights once) as a numpy byte
+array, without copying: returned from an actor, the list goes through Ray's object store as ONE object
+(written once, as a plain `ray.put` writes it) and a reader on the same node maps it without a copy.
+`unpack_weights` copies the bytes into the receiving model's tensors. `WeightBroadcastGroup` is the GPU
+path: the tensors packed into one flat device buffer, broadcast over a NCCL (or, on CPU, gloo) process
+group of its own, outside the trainers' DDP group.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -34,7 +35,8 @@ class TensorSlot:
 
 @dataclass
 class WeightLayout:
-    """The flat buffer's table of contents; `aliases` maps each tied name to the name actually sent."""
+    """The tensors sent, in order, with their offsets in a flat buffer; `aliases` maps each tied name to
+    the name actually sent."""
 
     slots: list[TensorSlot]
     aliases: dict[str, str]
@@ -47,13 +49,12 @@ class WeightVersion:
 
     version: int
     layout: WeightLayout
-    buffer: np.ndarray  # uint8, one object in the object store
+    arrays: list[np.ndarray]  # one uint8 array per layout slot; all of them one object in the object store
     pack_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return self.layout.total_bytes
+        return sum(array.nbytes for array in self.arrays)
 
 
 def weight_layout(state_dict: dict[str, torch.Tensor]) -> WeightLayout:
@@ -79,31 +80,43 @@ def pack_into(state_dict: dict[str, torch.Tensor], layout: WeightLayout, flat: t
     return flat
 
 
-def unpack_from(flat: torch.Tensor, layout: WeightLayout, model: torch.nn.Module) -> None:
-    """Copy the bytes of `flat` into `model`'s tensors in place (tied tensors are written once)."""
+def _load_slots(model: torch.nn.Module, slots: list[TensorSlot], byte_tensors) -> None:
+    """Copy each slot's bytes into `model`'s tensor of that name, in place (tied tensors are written once)."""
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for slot in layout.slots:
+        for slot, data in zip(slots, byte_tensors):
             target = targets[slot.name]
-            source = flat[slot.offset: slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-            target.copy_(source.to(target.device), non_blocking=True)
+            target.copy_(data.view(slot.dtype).view(slot.shape).to(target.device), non_blocking=True)
+
+
+def unpack_from(flat: torch.Tensor, layout: WeightLayout, model: torch.nn.Module) -> None:
+    """Copy the bytes of `flat` into `model`'s tensors."""
+    _load_slots(model, layout.slots, (flat[slot.offset: slot.offset + slot.nbytes] for slot in layout.slots))
+
+
+def _byte_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's bytes as a numpy array without a copy (any dtype, bfloat16 included)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def pack_weights(model: torch.nn.Module, version: int) -> WeightVersion:
-    """The model's weights as one uint8 numpy buffer, ready to return from an actor or `ray.put`."""
+    """The model's weights as uint8 numpy arrays, ready to return from an actor or `ray.put`.
+
+    On CPU the arrays are views of the live weights: serialize the payload (return it from the actor,
+    `ray.put` it) before the model changes, as Ray does with an actor method's return value."""
     started = time.perf_counter()
     state_dict = model.state_dict()
     layout = weight_layout(state_dict)
-    flat = pack_into(state_dict, layout, torch.empty(layout.total_bytes, dtype=torch.uint8))
-    return WeightVersion(version, layout, flat.numpy(), pack_seconds=time.perf_counter() - started)
+    arrays = [_byte_array(state_dict[slot.name]) for slot in layout.slots]
+    return WeightVersion(version, layout, arrays, pack_seconds=time.perf_counter() - started)
 
 
 def unpack_weights(payload: WeightVersion, model: torch.nn.Module) -> None:
-    """Load a `WeightVersion` into `model`. The buffer may be the read-only object-store mapping."""
-    with warnings.catch_warnings():  # torch warns about read-only buffers; we only read from it
+    """Load a `WeightVersion` into `model`. The arrays may be read-only object-store mappings."""
+    with warnings.catch_warnings():  # torch warns about read-only buffers; we only read from them
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(payload.buffer)
-    unpack_from(flat, payload.layout, model)
+        byte_tensors = [torch.from_numpy(array) for array in payload.arrays]
+    _load_slots(model, payload.layout.slots, byte_tensors)
 
 
 class WeightBroadcastGroup:

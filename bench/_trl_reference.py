@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import trl
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainingArguments
 
 warnings.filterwarnings("ignore")
@@ -23,8 +24,11 @@ def answer(prompt):
 
 
 def generate(model, tokenizer, prompts, **kwargs):
+    # Left padding for generation only: TRL's collator pads training batches with the tokenizer's side (right).
     tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, padding=True, return_tensors="pt")
+    # transformers 4.x returns token_type_ids here, which GPT-2 would add as embeddings: leave them out.
+    encoded = tokenizer(prompts, padding=True, return_tensors="pt", return_token_type_ids=False)
+    tokenizer.padding_side = "right"
     with torch.no_grad():
         out = model.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **kwargs)
     width = encoded["input_ids"].shape[1]
@@ -32,6 +36,19 @@ def generate(model, tokenizer, prompts, **kwargs):
     for row in out[:, width:].tolist():  # up to and including EOS, as our generator keeps them
         completion_ids.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
     return completion_ids, tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+
+
+class PromptMaskedIterativeSFTTrainer(trl.IterativeSFTTrainer):
+    """TRL 0.23 with its causal-LM labels bug worked around: the given labels (prompt masked with -100) are kept
+    instead of being replaced by input_ids. What a TRL user has to write to train on completions only."""
+
+    def prepare_model_inputs(self, input_ids, attention_mask, labels):
+        pad = self.processing_class.pad_token_id
+        if attention_mask is None:
+            attention_mask = [torch.ones_like(ids) for ids in input_ids]
+        return {"input_ids": pad_sequence(input_ids, batch_first=True, padding_value=pad),
+                "attention_mask": pad_sequence(attention_mask, batch_first=True, padding_value=0),
+                "labels": pad_sequence(labels, batch_first=True, padding_value=-100)}
 
 
 def main(path):
@@ -43,7 +60,8 @@ def main(path):
     args = TrainingArguments(output_dir=settings["output_dir"], per_device_train_batch_size=settings["batch_size"],
                              learning_rate=settings["learning_rate"], lr_scheduler_type="constant", report_to="none",
                              seed=settings["seed"], use_cpu=True, save_strategy="no", logging_steps=10**9)
-    trainer = trl.IterativeSFTTrainer(model, args, processing_class=tokenizer)
+    trainer_class = PromptMaskedIterativeSFTTrainer if settings["mask_prompt"] else trl.IterativeSFTTrainer
+    trainer = trainer_class(model, args, processing_class=tokenizer)
     round_seconds, rollouts = [], 0
     for round_index, prompts in enumerate(settings["round_prompts"]):
         started = time.perf_counter()
@@ -57,9 +75,11 @@ def main(path):
         kept = [i for i, r in enumerate(rewards) if r >= 1.0]
         rollouts += len(rewards)
         if kept:
-            input_ids = [torch.tensor(tokenizer(repeated[i])["input_ids"] + completion_ids[i]) for i in kept]
-            # TRL 0.23 requires labels here but drops them for causal LMs: the prompt is trained on too.
-            trainer.step(input_ids=input_ids, labels=input_ids)
+            prompt_ids = [tokenizer(repeated[i])["input_ids"] for i in kept]
+            input_ids = [torch.tensor(p + completion_ids[i]) for p, i in zip(prompt_ids, kept)]
+            labels = [torch.tensor([-100] * len(p) + completion_ids[i]) for p, i in zip(prompt_ids, kept)]
+            # TRL 0.23 as shipped drops these labels for causal LMs (the prompt is trained on too).
+            trainer.step(input_ids=input_ids, labels=labels)
         round_seconds.append(time.perf_counter() - started)
     model.eval()
     _, held_out = generate(model, tokenizer, settings["held_out"], do_sample=False,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from _iterative_fixtures import arguments, gpt2, t5, tokenizer
 from actors.rollouts import KeepRule, read_rollouts, write_rollouts
+from actors.sampling import can_share_prefill, sample_with_shared_prefill
 from actors.weights import WeightBroadcastGroup, pack_weights, unpack_weights, weight_layout
 from raytrainer.sft_step import (IGNORE_INDEX, SFTStepper, build_optimizer_and_scheduler, check_step_inputs,
                                  encode_examples, pad_examples)
@@ -168,8 +170,13 @@ def test_weights_pack_tied_embeddings_once_and_round_trip():
     payload = pack_weights(source, version=7)
     assert payload.layout.aliases == {"lm_head.weight": "transformer.wte.weight"}
     unique_bytes = sum(p.numel() * p.element_size() for p in source.parameters())  # parameters() dedups ties
-    assert unique_bytes <= payload.nbytes < unique_bytes + 64 * len(payload.layout.slots)
-    payload.buffer.setflags(write=False)  # as it arrives from the object store
+    buffers = sum(b.numel() * b.element_size() for b in source.buffers() if b.dtype.is_floating_point)
+    assert payload.nbytes <= unique_bytes + buffers and payload.nbytes >= unique_bytes
+    wte = [i for i, slot in enumerate(payload.layout.slots) if slot.name == "transformer.wte.weight"][0]
+    assert payload.arrays[wte].ctypes.data == source.transformer.wte.weight.data_ptr()  # packed without a copy
+    payload = pickle.loads(pickle.dumps(payload, protocol=5))  # a copy, as the object store holds it
+    for array in payload.arrays:
+        array.setflags(write=False)  # as it arrives from the object store
     unpack_weights(payload, target)
     for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
         assert torch.equal(a, b), name
@@ -196,3 +203,32 @@ def test_broadcast_group_sends_weights_over_gloo(tmp_path):
     assert not errors
     for a, b in zip(sender.state_dict().values(), receiver.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_shared_prefill_samples_what_generate_samples():
+    """One prefill per prompt, cache repeated per sample: the same tokens as generate(num_return_sequences)."""
+    model, tok = gpt2(seed=3).eval(), tokenizer()
+    tok.padding_side = "left"
+    encoded = tok(["1+2=", "13+27=", "7+45="], padding=True, return_tensors="pt")  # different lengths: padding
+    settings = dict(do_sample=True, max_new_tokens=6, pad_token_id=tok.pad_token_id, temperature=1.3, top_k=8,
+                    output_logits=True, return_dict_in_generate=True)
+    assert can_share_prefill(model, encoded, 5, settings)
+    torch.manual_seed(11)
+    expected = model.generate(**encoded, num_return_sequences=5, **settings)
+    torch.manual_seed(11)
+    shared = sample_with_shared_prefill(model, encoded, 5, **settings)
+    assert shared.sequences.shape == expected.sequences.shape == (15, encoded["input_ids"].shape[1] + 6)
+    assert torch.equal(shared.sequences, expected.sequences)
+    for step, (ours, theirs) in enumerate(zip(shared.logits, expected.logits, strict=True)):
+        torch.testing.assert_close(ours, theirs, msg=f"logits differ at generated token {step}")
+    assert len({tuple(row) for row in shared.sequences[:5].tolist()}) > 1  # really sampled, not five copies
+
+
+def test_shared_prefill_is_not_used_where_it_would_change_the_result():
+    model, tok = gpt2().eval(), tokenizer()
+    encoded = tok(["1+2=", "3+4="], padding=True, return_tensors="pt")
+    assert not can_share_prefill(model, encoded, 1, {})  # one sample: nothing to share
+    assert not can_share_prefill(model, encoded, 4, {"num_beams": 4})
+    assert not can_share_prefill(model, encoded, 4, {"use_cache": False})
+    assert not can_share_prefill(model, {**encoded, "token_type_ids": encoded["input_ids"] * 0}, 4, {})
+    assert not can_share_prefill(t5(), encoded, 4, {})
