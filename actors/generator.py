@@ -46,7 +46,8 @@ class GeneratorActor:
         self.model.__dict__.pop("_cache", None)  # a static KV cache transformers keeps between generate calls
         self.weight_version = payload.version
         return {"weight_version": payload.version, "load_seconds": time.perf_counter() - started,
-                "pack_seconds": payload.pack_seconds, "nbytes": payload.nbytes}
+                "pack_seconds": payload.pack_seconds, "nbytes": payload.nbytes,
+                "latency_seconds": time.time() - payload.packed_at}  # pack start -> loaded, queueing included
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int | None = None, **generation_kwargs) -> dict[str, Any]:

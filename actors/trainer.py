@@ -62,8 +62,14 @@ class TrainerActor:
         dist.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}",
                                 rank=self.rank, world_size=self.world_size)
 
-    def train_examples(self, examples: list[dict[str, list[int]]]) -> dict:
-        """One `step()` over `examples` (token lists with labels); returns the step's statistics."""
+    def train_examples(self, examples: list[dict[str, list[int]]], publish: bool = False):
+        """One `step()` over `examples` (token lists with labels); returns the step's statistics, and with
+        `publish` also the new weights (call with `num_returns=2`: the weights can go to the generator as
+        soon as this returns, without a round trip through the driver)."""
+        stats = self._train(examples)
+        return (stats, self.publish_weights()) if publish else stats
+
+    def _train(self, examples: list[dict[str, list[int]]]) -> dict:
         examples = [{k: truncate(v, self.max_length, self.truncation_mode) for k, v in e.items()} for e in examples]
         if not examples:  # a round where nothing was kept: the weights do not change
             return {"loss": float("nan"), "num_examples": 0, "num_tokens": 0, "optimizer_steps": 0,

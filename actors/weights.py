@@ -51,6 +51,7 @@ class WeightVersion:
     layout: WeightLayout
     arrays: list[np.ndarray]  # one uint8 array per layout slot; all of them one object in the object store
     pack_seconds: float = 0.0
+    packed_at: float = 0.0  # time.time() when packing began: a reader on the node times the whole sync
 
     @property
     def nbytes(self) -> int:
@@ -104,11 +105,11 @@ def pack_weights(model: torch.nn.Module, version: int) -> WeightVersion:
 
     On CPU the arrays are views of the live weights: serialize the payload (return it from the actor,
     `ray.put` it) before the model changes, as Ray does with an actor method's return value."""
-    started = time.perf_counter()
+    packed_at, started = time.time(), time.perf_counter()
     state_dict = model.state_dict()
     layout = weight_layout(state_dict)
     arrays = [_byte_array(state_dict[slot.name]) for slot in layout.slots]
-    return WeightVersion(version, layout, arrays, pack_seconds=time.perf_counter() - started)
+    return WeightVersion(version, layout, arrays, pack_seconds=time.perf_counter() - started, packed_at=packed_at)
 
 
 def unpack_weights(payload: WeightVersion, model: torch.nn.Module) -> None:

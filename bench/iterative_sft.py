@@ -8,7 +8,7 @@ a plain `ray.put` + read + copy of the same number of bytes. Prints a markdown t
 
     python3 -m venv bench/.venv-trl && bench/.venv-trl/bin/pip install torch==2.13.0 "trl==0.23.*" \
         "transformers>=4.56.1,<5" datasets accelerate
-    .venv/bin/python bench/iterative_sft.py [--rounds 10]
+    .venv/bin/python bench/iterative_sft.py [--rounds 10 --repeats 3]
 """
 
 from __future__ import annotations
@@ -46,29 +46,26 @@ class ByteSink:
     def __init__(self):
         self.buffer = None
 
-    def consume(self, array):
+    def consume(self, array) -> float:
         if self.buffer is None or self.buffer.shape != array.shape:
             self.buffer = np.empty_like(array)
         np.copyto(self.buffer, array)
-        return array.nbytes
+        return time.time()  # when the bytes are in place
 
 
 def time_weight_sync(trainer: IterativeSFTTrainer, repeats: int = 20) -> dict:
-    """Median seconds of one sync (trainer packs -> object store -> generator copies into its model)
-    and of a plain ray.put of the same bytes read and copied by another actor, run alternately so that
-    both see the same machine load."""
+    """Median seconds of one sync (the trainer packs -> object store -> the generator copies into its model,
+    timed on the actors from pack start to loaded) and of a plain ray.put of the same bytes read and copied
+    by another actor (put start to copied); run alternately so that both see the same machine load."""
     info = ray.get(trainer._publish_and_sync())
     sink = ByteSink.remote()
     payload = np.random.randint(0, 255, info["nbytes"], dtype=np.uint8)
     ray.get(sink.consume.remote(ray.put(payload)))  # warm the actor
     sync, raw = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
-        ray.get(trainer._publish_and_sync())
-        sync.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        ray.get(sink.consume.remote(ray.put(payload)))
-        raw.append(time.perf_counter() - started)
+        sync.append(ray.get(trainer._publish_and_sync())["latency_seconds"])
+        started = time.time()
+        raw.append(ray.get(sink.consume.remote(ray.put(payload))) - started)
     ray.kill(sink)
     return {"nbytes": info["nbytes"], "sync_s": statistics.median(sync), "raw_s": statistics.median(raw)}
 
@@ -137,6 +134,7 @@ def main():
     parser.add_argument("--prompts-per-round", type=int, default=128)
     parser.add_argument("--samples-per-prompt", type=int, default=16)
     parser.add_argument("--trl-threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output-dir", default="bench/results/iterative_sft")
     options = parser.parse_args()
     torch.set_num_threads(1)
@@ -155,39 +153,52 @@ def main():
     tokenizer.save_pretrained(model_dir)
     settings = {"rounds": options.rounds, "prompts_per_round": options.prompts_per_round,
                 "samples_per_prompt": options.samples_per_prompt, "batch_size": 32, "learning_rate": 1e-3,
-                "max_new_tokens": 5, "seed": seed, "prompts": unlabelled, "held_out": held_out,
-                "output_dir": options.output_dir}
+                "max_new_tokens": 5, "prompts": unlabelled, "held_out": held_out, "output_dir": options.output_dir}
 
-    results = {SHIPPED: run_trl(settings, model_dir, options.trl_threads, mask_prompt=False),
-               REFERENCE: run_trl(settings, model_dir, options.trl_threads, mask_prompt=True),
-               "(b) ours, max_staleness=0": run_ours(settings, 0, model_dir),
-               "(c) ours, max_staleness=1": run_ours(settings, 1, model_dir)}
-    print_table(results, options)
-    sync = run_sync_only(settings, n_layer=4, n_embd=512)
+    runs = {SHIPPED: [], REFERENCE: [], "(b) ours, max_staleness=0": [], "(c) ours, max_staleness=1": []}
+    for repeat in range(options.repeats):  # each repeat samples and shuffles with its own seed
+        repeat_settings = {**settings, "seed": repeat}
+        runs[SHIPPED].append(run_trl(repeat_settings, model_dir, options.trl_threads, mask_prompt=False))
+        runs[REFERENCE].append(run_trl(repeat_settings, model_dir, options.trl_threads, mask_prompt=True))
+        runs["(b) ours, max_staleness=0"].append(run_ours(repeat_settings, 0, model_dir))
+        runs["(c) ours, max_staleness=1"].append(run_ours(repeat_settings, 1, model_dir))
+    print_table(runs, options)
+    sync = run_sync_only({**settings, "seed": 0}, n_layer=4, n_embd=512)
     print(f"\nweight sync of a GPT-2 4x512 ({sync['nbytes'] / 1e6:.1f} MB, medians of 20): sync "
           f"{sync['sync_s'] * 1e3:.1f} ms ({sync['nbytes'] / sync['sync_s'] / 1e9:.2f} GB/s), ray.put + read + copy of "
           f"the same bytes {sync['raw_s'] * 1e3:.1f} ms ({sync['nbytes'] / sync['raw_s'] / 1e9:.2f} GB/s): "
           f"{sync['sync_s'] / sync['raw_s']:.2f}x")
 
 
-def print_table(results: dict, options) -> None:
-    reference = results[REFERENCE]
-    print(f"\n{options.rounds} rounds x {options.prompts_per_round} prompts x {options.samples_per_prompt} samples; "
-          f"TRL with {options.trl_threads} torch thread(s), ours: 1 trainer + 1 generator actor (1 CPU each)\n")
-    print("| side | s/round (mean) | s/round (median) | rollouts/s | rounds/s vs (a') | weight sync s | sync GB/s "
-          "| ray.put same bytes s | put GB/s | sync / put | held-out accuracy |")
+def _median(runs: list[dict], value) -> float:
+    return statistics.median(value(r) for r in runs)
+
+
+def print_table(runs: dict[str, list[dict]], options) -> None:
+    """Medians over the repeats; a side's s/round is its mean over the rounds of a run."""
+    def per_round(r):
+        return r["seconds"] / len(r["round_seconds"])
+
+    reference = _median(runs[REFERENCE], per_round)
+    print(f"\n{options.rounds} rounds x {options.prompts_per_round} prompts x {options.samples_per_prompt} samples, "
+          f"medians of {options.repeats} repeats (seeds 0..{options.repeats - 1}); TRL with {options.trl_threads} "
+          "torch thread(s), ours: 1 trainer + 1 generator actor (1 CPU each)\n")
+    print("| side | s/round | rollouts/s | rounds/s vs (a') | weight sync | sync GB/s | ray.put same bytes | put GB/s "
+          "| sync / put | held-out accuracy | accuracy per repeat |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        mean = r["seconds"] / len(r["round_seconds"])
-        speedup = (reference["seconds"] / len(reference["round_seconds"])) / mean
-        if "sync_s" in r:
-            sync = (f"{r['sync_s'] * 1e3:.2f} ms | {r['nbytes'] / r['sync_s'] / 1e9:.3f} | {r['raw_s'] * 1e3:.2f} ms | "
-                    f"{r['nbytes'] / r['raw_s'] / 1e9:.3f} | {r['sync_s'] / r['raw_s']:.2f}x")
+    for name, side in runs.items():
+        seconds = _median(side, per_round)
+        if "sync_s" in side[0]:
+            sync_s, raw_s = _median(side, lambda r: r["sync_s"]), _median(side, lambda r: r["raw_s"])
+            nbytes = side[0]["nbytes"]
+            sync = (f"{sync_s * 1e3:.2f} ms | {nbytes / sync_s / 1e9:.3f} | {raw_s * 1e3:.2f} ms | "
+                    f"{nbytes / raw_s / 1e9:.3f} | {sync_s / raw_s:.2f}x")
         else:
             sync = "in-process (no sync) | - | - | - | -"
-        print(f"| {name} | {mean:.3f} | {statistics.median(r['round_seconds']):.3f} | {r['rollouts'] / r['seconds']:.0f} "
-              f"| {speedup:.2f}x | {sync} | {r['accuracy']:.1%} |")
-    nbytes = next(r["nbytes"] for r in results.values() if "nbytes" in r)
+        accuracies = ", ".join(f"{r['accuracy']:.1%}" for r in side)
+        print(f"| {name} | {seconds:.3f} | {_median(side, lambda r: r['rollouts'] / r['seconds']):.0f} "
+              f"| {reference / seconds:.2f}x | {sync} | {_median(side, lambda r: r['accuracy']):.1%} | {accuracies} |")
+    nbytes = next(side[0]["nbytes"] for side in runs.values() if "nbytes" in side[0])
     print(f"\nweights: {nbytes / 1e6:.2f} MB per sync (one object; tied embedding sent once)")
 
 

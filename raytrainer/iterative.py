@@ -144,17 +144,30 @@ class IterativeSFTTrainer:
         if self._weights_ref is not None:
             self._generator.load_weights.remote(self._weights_ref)
 
-    def _publish_and_sync(self):
-        """One sync: the trainer packs its weights once; the generator reads them from the object store."""
+    def _publish_and_sync(self, weights_ref=None):
+        """One sync: the trainer packs its weights once (or already did: `weights_ref`); the generator reads
+        them from the object store."""
         generator = self._ensure_generator()
-        self._weights_ref = self._trainers[0].publish_weights.remote()
+        self._weights_ref = weights_ref if weights_ref is not None else self._trainers[0].publish_weights.remote()
         self._synced_version = self._trainer_version
         return generator.load_weights.remote(self._weights_ref)
 
-    def _train_examples(self, examples_ref) -> dict[str, Any]:
-        stats = ray.get([t.train_examples.remote(examples_ref) for t in self._trainers])[0]
+    def _train_examples(self, examples_ref, sync: bool = False):
+        """Train on the examples; with `sync`, rank 0 also returns the new weights, which the generator is
+        told to load at once. Returns the statistics (and with `sync` the load's reference)."""
+        publish = [sync and rank == 0 for rank in range(len(self._trainers))]
+        calls = [t.train_examples.options(num_returns=2 if p else 1).remote(examples_ref, p)
+                 for t, p in zip(self._trainers, publish)]
+        sync_ref = None
+        if sync:
+            calls[0], weights_ref = calls[0]
+            sync_ref = self._publish_and_sync(weights_ref)
+        stats = ray.get(calls)[0]
         self._trainer_version = stats["weight_version"]
         self.state.global_step = stats["global_step"]
+        if sync:
+            self._synced_version = self._trainer_version
+            return stats, sync_ref
         return stats
 
     # ---- TRL API --------------------------------------------------------------------------------------

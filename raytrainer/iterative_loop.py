@@ -148,10 +148,10 @@ class RolloutLoop:
                 pending[round_index + 1] = self._launch(round_index + 1)
             rollout_version, version_before = summary["weight_version"], trainer._trainer_version
             train_started = time.perf_counter()
-            stats = trainer._train_examples(examples_ref)
-            train_seconds = time.perf_counter() - train_started
+            generator = trainer._ensure_generator()
+            stats, sync_ref = trainer._train_examples(examples_ref, sync=True)  # weights go on to the generator
             issued_at = time.perf_counter()
-            sync_ref, generator = trainer._publish_and_sync(), trainer._generator
+            train_seconds = issued_at - train_started
             entry = {
                 **{k: v for k, v in summary.items() if k != "weight_version"},
                 "rollout_weight_version": rollout_version, "staleness": version_before - rollout_version,
