@@ -2,9 +2,11 @@
 
 Same warmed-up model, prompts per round, sampling settings and optimizer for every side:
 (a) TRL 0.23 in its own virtualenv (sequential generate -> filter -> step in one process), as shipped,
-(a') the same with TRL's causal-LM labels bug worked around (prompt masked, as ours), the reference at
-equal accuracy, (b) ours, max_staleness=0, (c) ours, max_staleness=1. Also times one weight sync against
-a plain `ray.put` + read + copy of the same number of bytes. Prints a markdown table.
+(a') the same with TRL's causal-LM labels bug worked around (prompt masked, as ours): the reference at
+equal accuracy, (b) ours, max_staleness=0, (c) ours, max_staleness=1, (c+) the same with 2 more rounds
+(one round of staleness costs some accuracy per round: its accuracy and total time against (a')'s).
+Also times one weight sync against a plain `ray.put` + read + copy of the same number of bytes.
+Prints a markdown table.
 
     python3 -m venv bench/.venv-trl && bench/.venv-trl/bin/pip install torch==2.13.0 "trl==0.23.*" \
         "transformers>=4.56.1,<5" datasets accelerate
@@ -37,6 +39,7 @@ from raytrainer.iterative_loop import round_prompts  # noqa: E402
 # here; the reference for speed at equal accuracy is TRL with that worked around (bench/_trl_reference.py).
 SHIPPED = "(a) TRL 0.23 IterativeSFTTrainer, as shipped"
 REFERENCE = "(a') TRL 0.23 + labels kept (prompt masked)"
+LONGER = "(c+) ours, max_staleness=1, {rounds} rounds"
 
 
 @ray.remote(num_cpus=1)
@@ -135,6 +138,8 @@ def main():
     parser.add_argument("--samples-per-prompt", type=int, default=16)
     parser.add_argument("--trl-threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--extra-rounds", type=int, default=2,
+                        help="also run (c) with this many more rounds: its accuracy and time against (a')'s")
     parser.add_argument("--output-dir", default="bench/results/iterative_sft")
     options = parser.parse_args()
     torch.set_num_threads(1)
@@ -162,6 +167,9 @@ def main():
         runs[REFERENCE].append(run_trl(repeat_settings, model_dir, options.trl_threads, mask_prompt=True))
         runs["(b) ours, max_staleness=0"].append(run_ours(repeat_settings, 0, model_dir))
         runs["(c) ours, max_staleness=1"].append(run_ours(repeat_settings, 1, model_dir))
+        if options.extra_rounds:
+            longer = {**repeat_settings, "rounds": options.rounds + options.extra_rounds}
+            runs.setdefault(LONGER.format(rounds=longer["rounds"]), []).append(run_ours(longer, 1, model_dir))
     print_table(runs, options)
     sync = run_sync_only({**settings, "seed": 0}, n_layer=4, n_embd=512)
     print(f"\nweight sync of a GPT-2 4x512 ({sync['nbytes'] / 1e6:.1f} MB, medians of 20): sync "
@@ -183,9 +191,10 @@ def print_table(runs: dict[str, list[dict]], options) -> None:
     print(f"\n{options.rounds} rounds x {options.prompts_per_round} prompts x {options.samples_per_prompt} samples, "
           f"medians of {options.repeats} repeats (seeds 0..{options.repeats - 1}); TRL with {options.trl_threads} "
           "torch thread(s), ours: 1 trainer + 1 generator actor (1 CPU each)\n")
-    print("| side | s/round | rollouts/s | rounds/s vs (a') | weight sync | sync GB/s | ray.put same bytes | put GB/s "
-          "| sync / put | held-out accuracy | accuracy per repeat |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| side | s/round | rollouts/s | rounds/s vs (a') | all rounds s | sooner than (a') | weight sync | sync GB/s "
+          "| ray.put same bytes | put GB/s | sync / put | held-out accuracy | accuracy per repeat |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    reference_total = _median(runs[REFERENCE], lambda r: r["seconds"])
     for name, side in runs.items():
         seconds = _median(side, per_round)
         if "sync_s" in side[0]:
@@ -196,8 +205,10 @@ def print_table(runs: dict[str, list[dict]], options) -> None:
         else:
             sync = "in-process (no sync) | - | - | - | -"
         accuracies = ", ".join(f"{r['accuracy']:.1%}" for r in side)
+        total = _median(side, lambda r: r["seconds"])
         print(f"| {name} | {seconds:.3f} | {_median(side, lambda r: r['rollouts'] / r['seconds']):.0f} "
-              f"| {reference / seconds:.2f}x | {sync} | {_median(side, lambda r: r['accuracy']):.1%} | {accuracies} |")
+              f"| {reference / seconds:.2f}x | {total:.2f} | {reference_total / total:.2f}x | {sync} "
+              f"| {_median(side, lambda r: r['accuracy']):.1%} | {accuracies} |")
     nbytes = next(side[0]["nbytes"] for side in runs.values() if "nbytes" in side[0])
     print(f"\nweights: {nbytes / 1e6:.2f} MB per sync (one object; tied embedding sent once)")
 
