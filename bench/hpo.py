@@ -1,7 +1,8 @@
 """Hyperparameter-search benchmark: transformers' `Trainer.hyperparameter_search` vs raytrainer's (Ray Tune + ASHA).
 
-Both sides search the same 8 learning rates (a grid, so both see the same candidates) for the same tiny regression
-(y = 2x + 3, 24 steps of batch 16, an evaluation every 4 steps), minimizing eval loss:
+Both sides search the same learning rates (a grid, so both see the same candidates, and in the same order: ours follows
+the order optuna's GridSampler drew in that repeat) for the same tiny regression (y = 2x + 3, 24 steps of batch 16,
+an evaluation every 4 steps), minimizing eval loss:
   (a) transformers.Trainer.hyperparameter_search, optuna backend in-process (GridSampler, optuna's default
       MedianPruner), or its Ray backend when optuna is not installed;
   (b) raytrainer.Trainer.hyperparameter_search on Ray Tune with ASHA, trials on 1-worker Ray Train groups that
@@ -11,7 +12,7 @@ Ray is started once before the repeats (like a running cluster); its start-up ti
 Time to target = seconds from the search's start to the first evaluation within 1% of the best objective that either
 side reached in that repeat. Prints a markdown table of medians over repeats and the ratios ours/theirs.
 
-    python bench/hpo.py [--repeats 3] [--trials 8]
+    python bench/hpo.py [--repeats 3] [--trials 8]    (--trials 16: 16 log-spaced rates over the same range)
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ import transformers
 from torch import nn
 
 LEARNING_RATES = [1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0]
+
+
+def learning_rates(n_trials: int) -> list[float]:
+    """The grid: the 8 rates above, or `n_trials` log-spaced rates over the same range."""
+    if n_trials <= len(LEARNING_RATES):
+        return LEARNING_RATES[:n_trials]
+    return [float(rate) for rate in np.geomspace(LEARNING_RATES[0], LEARNING_RATES[-1], n_trials)]
 STEPS, EVAL_STEPS, BATCH = 24, 4, 16
 
 
@@ -57,47 +65,52 @@ def common_args(output_dir: str) -> dict:
 
 
 class EvaluationClock(transformers.TrainerCallback):
-    """Records (seconds since the search started, eval loss) at every in-process evaluation."""
+    """Records (seconds since the search started, eval loss) at every in-process evaluation, and the order in
+    which the trials' learning rates come."""
 
-    def __init__(self, start: list, records: list):
-        self.start, self.records = start, records
+    def __init__(self, start: list, records: list, order: list):
+        self.start, self.records, self.order = start, records, order
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.order.append(args.learning_rate)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.records.append((time.perf_counter() - self.start[0], metrics["eval_loss"]))
 
 
-def run_transformers(n_trials: int) -> dict:
-    start, records = [0.0], []
+def run_transformers(rates: list[float]) -> dict:
+    start, records, order = [0.0], [], []
+    n_trials = len(rates)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = transformers.Trainer(model_init=RegressionModel,
                                        args=transformers.TrainingArguments(**common_args(output_dir)),
                                        train_dataset=regression_data(128, 0), eval_dataset=regression_data(32, 1),
-                                       callbacks=[EvaluationClock(start, records)])
+                                       callbacks=[EvaluationClock(start, records, order)])
         trainer.pop_callback(transformers.trainer_callback.PrinterCallback)  # no per-log prints in the timing
         try:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             backend = "optuna"
-            kwargs = dict(sampler=optuna.samplers.GridSampler({"learning_rate": LEARNING_RATES}, seed=0),
-                          hp_space=lambda trial: {"learning_rate": trial.suggest_categorical("learning_rate",
-                                                                                             LEARNING_RATES)})
+            kwargs = dict(sampler=optuna.samplers.GridSampler({"learning_rate": rates}, seed=0),
+                          hp_space=lambda trial: {"learning_rate": trial.suggest_categorical("learning_rate", rates)})
         except ImportError:
             from ray import tune
 
             backend = "ray"
-            kwargs = dict(hp_space=lambda trial: {"learning_rate": tune.grid_search(LEARNING_RATES)})
+            kwargs = dict(hp_space=lambda trial: {"learning_rate": tune.grid_search(rates)})
             n_trials = 1
         start[0] = time.perf_counter()
         best = trainer.hyperparameter_search(n_trials=n_trials, direction="minimize", backend=backend, **kwargs)
         wall = time.perf_counter() - start[0]
     return {"side": f"transformers ({backend})", "wall": wall, "best": best.objective, "records": records,
-            "stopped": None}
+            "stopped": None, "order": order or list(rates)}  # the Ray backend's trials record in their processes
 
 
-def run_raytrainer(n_trials: int) -> tuple[dict, dict]:
+def run_raytrainer(order: list[float]) -> tuple[dict, dict]:
     """Two searches on one Trainer: cold (Ray running, no workers yet), then warm (on the workers the first
-    search handed back to the Trainer, as a second search or a search after train()/evaluate() runs)."""
+    search handed back to the Trainer, as a second search or a search after train()/evaluate() runs).
+    The grid runs in `order`: the order in which the other side's sampler visited it."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -115,9 +128,8 @@ def run_raytrainer(n_trials: int) -> tuple[dict, dict]:
                     records.append((time.perf_counter() - start[0], result["objective"]))
 
             scheduler = ASHAScheduler(max_t=STEPS // EVAL_STEPS, grace_period=2, reduction_factor=2)
-            grid = LEARNING_RATES[:n_trials]
             start[0] = time.perf_counter()
-            best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(grid)},
+            best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(order)},
                                                  n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
             wall = time.perf_counter() - start[0]
             stopped = sum(1 for t in best.run_summary.trials
@@ -135,7 +147,8 @@ def time_to_target(records: list, target: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=len(LEARNING_RATES))
+    parser.add_argument("--trials", type=int, default=len(LEARNING_RATES),
+                        help="grid size: up to 8 of the rates above, more are log-spaced over their range")
     options = parser.parse_args()
 
     import os
@@ -155,14 +168,14 @@ def main() -> None:
     ray_start = time.perf_counter() - started
     rows = []
     for repeat in range(options.repeats):
-        theirs = run_transformers(options.trials)
-        cold, warm = run_raytrainer(options.trials)
+        theirs = run_transformers(learning_rates(options.trials))
+        cold, warm = run_raytrainer(theirs["order"])
         row = (theirs, cold, warm)
         target = min(side["best"] for side in row) * 1.01
         for side in row:
             side["to_target"] = time_to_target(side["records"], target)
         rows.append(row)
-        print(f"repeat {repeat}: target {target:.5g} | " + " | ".join(
+        print(f"repeat {repeat}: order {[f'{rate:.3g}' for rate in theirs['order']]}, target {target:.5g} | " + " | ".join(
             f"{side['side']}: wall {side['wall']:.1f}s best {side['best']:.5g} to-target {side['to_target']:.1f}s"
             + (f" stopped early {side['stopped']}" if side["stopped"] is not None else "") for side in row), flush=True)
 
