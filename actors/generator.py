@@ -11,7 +11,7 @@ import torch
 
 from actors.rollouts import KeepRule, write_rollouts
 from actors.sampling import can_share_prefill, sample_with_shared_prefill
-from actors.weights import WeightVersion, unpack_weights
+from actors.weights import WeightBroadcastGroup, WeightLayout, WeightVersion, unpack_weights
 from raytrainer.sft_step import IGNORE_INDEX
 
 
@@ -43,11 +43,27 @@ class GeneratorActor:
         """Copy a synced weight version into the model and forget state computed with older weights."""
         started = time.perf_counter()
         unpack_weights(payload, self.model)
-        self.model.__dict__.pop("_cache", None)  # a static KV cache transformers keeps between generate calls
-        self.weight_version = payload.version
+        self._loaded(payload.version)
         return {"weight_version": payload.version, "load_seconds": time.perf_counter() - started,
                 "pack_seconds": payload.pack_seconds, "nbytes": payload.nbytes,
                 "latency_seconds": time.time() - payload.packed_at}  # pack start -> loaded, queueing included
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        """Join the trainer's broadcast group (NCCL on GPUs) as a receiver."""
+        self.weight_group = WeightBroadcastGroup(host, port, rank, world_size, backend)
+
+    def receive_weights(self, layout: WeightLayout, version: int) -> dict[str, float]:
+        """Receive one broadcast of the trainer's weights (the trainer calls `broadcast_weights`)."""
+        started = time.perf_counter()
+        self.weight_group.receive(self.model, layout)
+        self._loaded(version)
+        seconds = time.perf_counter() - started
+        return {"weight_version": version, "load_seconds": seconds, "pack_seconds": 0.0,
+                "nbytes": layout.total_bytes, "latency_seconds": seconds}
+
+    def _loaded(self, version: int) -> None:
+        self.model.__dict__.pop("_cache", None)  # a static KV cache transformers keeps between generate calls
+        self.weight_version = version
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int | None = None, **generation_kwargs) -> dict[str, Any]:

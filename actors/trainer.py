@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model
 
-from actors.weights import WeightVersion, pack_weights
+from actors.weights import WeightBroadcastGroup, WeightLayout, WeightVersion, pack_weights, weight_layout
 from raytrainer.sft_step import SFTStepper, build_optimizer_and_scheduler, pad_examples, truncate
 
 STEPPER_STATE = "iterative_stepper.json"
@@ -79,6 +79,18 @@ class TrainerActor:
         if self.optimize_device_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return {**asdict(stats), "weight_version": self.weight_version}
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> WeightLayout:
+        """Host a broadcast group (rank 0) for the generator(s); replaces an older group. Returns the layout
+        the receivers need. Blocks until every receiver has joined."""
+        self.weight_group = WeightBroadcastGroup(host, port, 0, world_size, backend)
+        self.weight_layout = weight_layout(self.model.state_dict())
+        return self.weight_layout
+
+    def broadcast_weights(self) -> int:
+        """Send the current weights over the broadcast group (one collective); returns their version."""
+        self.weight_group.send(self.model, self.weight_layout)
+        return self.weight_version
 
     def publish_weights(self) -> WeightVersion:
         """The current weights as one flat buffer (returned through the object store, zero-copy)."""

@@ -129,14 +129,16 @@ class WeightBroadcastGroup:
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                 timeout: timedelta = timedelta(minutes=10)):
+                 timeout: timedelta = timedelta(minutes=2)):
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"backend={backend!r}: weight broadcast runs on 'nccl' (GPU) or 'gloo' (CPU).")
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
         if backend == "nccl":
-            self.group = dist.ProcessGroupNCCL(dist.PrefixStore("weights", self.store), rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout  # as torch.distributed sets it for its own groups
+            self.group = dist.ProcessGroupNCCL(dist.PrefixStore("weights", self.store), rank, world_size, options)
         else:
             self.group = dist.ProcessGroupGloo(dist.PrefixStore("weights", self.store), rank, world_size, timeout)
         self.flat: torch.Tensor | None = None

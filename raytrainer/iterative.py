@@ -92,6 +92,10 @@ class IterativeSFTTrainer:
         self.history: list[dict[str, Any]] = []
         self._model, self._trainers, self._generator = model, [], None
         self._trainer_version, self._weights_ref, self._model_version, self._synced_version = 0, None, 0, 0
+        # How weights reach the generator: "object_store", or a broadcast group on "nccl" (chosen on GPUs) or
+        # "gloo"; None: chosen when the actors start.
+        self._weight_transport: str | None = None
+        self._weight_layout = None
 
     # ---- actors -------------------------------------------------------------------------------------
     def _cpus_per_actor(self) -> float:
@@ -122,6 +126,8 @@ class IterativeSFTTrainer:
         if world_size > 1:
             address, port = ray.get(self._trainers[0].address.remote())
             ray.get([t.join_process_group.remote(address, port) for t in self._trainers])
+        if self._weight_transport is None:  # NCCL needs a GPU of its own for each side
+            self._weight_transport = "nccl" if gpus >= 1 else "object_store"
 
     def _ensure_generator(self):
         """Start the generator on first use (a `step()`-only run never needs one)."""
@@ -129,7 +135,20 @@ class IterativeSFTTrainer:
         if self._generator is None:
             self._model_ref = ray.put(self._model)
             self._generator = self._new_generator()
+            self._join_weight_group()
         return self._generator
+
+    def _broadcasts(self) -> bool:
+        return self._weight_transport in ("nccl", "gloo")
+
+    def _join_weight_group(self) -> None:
+        """With a broadcast transport: trainer rank 0 hosts a group of its own with the generator."""
+        if not self._broadcasts():
+            return
+        host, port = ray.get(self._trainers[0].address.remote())
+        layout = self._trainers[0].join_weight_group.remote(host, port, 2, self._weight_transport)
+        ray.get(self._generator.join_weight_group.remote(host, port, 1, 2, self._weight_transport))
+        self._weight_layout = ray.get(layout)
 
     def _new_generator(self):
         cpus = self._cpus_per_actor()
@@ -141,34 +160,43 @@ class IterativeSFTTrainer:
         """Replace a dead generator; the new one gets the latest weights before any other call."""
         ray.kill(self._generator, no_restart=True)
         self._generator = self._new_generator()
-        if self._weights_ref is not None:
+        if self._broadcasts():  # a new group with the new generator, and the latest weights over it
+            self._join_weight_group()
+            self._publish_and_sync()
+        elif self._weights_ref is not None:
             self._generator.load_weights.remote(self._weights_ref)
 
     def _publish_and_sync(self, weights_ref=None):
         """One sync: the trainer packs its weights once (or already did: `weights_ref`); the generator reads
         them from the object store."""
         generator = self._ensure_generator()
-        self._weights_ref = weights_ref if weights_ref is not None else self._trainers[0].publish_weights.remote()
         self._synced_version = self._trainer_version
+        if self._broadcasts():  # both sides of one collective; a failed send shows as the receive's error
+            self._weights_ref = self._trainers[0].broadcast_weights.remote()
+            return generator.receive_weights.remote(self._weight_layout, self._trainer_version)
+        self._weights_ref = weights_ref if weights_ref is not None else self._trainers[0].publish_weights.remote()
         return generator.load_weights.remote(self._weights_ref)
 
     def _train_examples(self, examples_ref, sync: bool = False):
         """Train on the examples; with `sync`, rank 0 also returns the new weights, which the generator is
-        told to load at once. Returns the statistics (and with `sync` the load's reference)."""
-        publish = [sync and rank == 0 for rank in range(len(self._trainers))]
+        told to load at once. Returns the statistics (and with `sync` the load's reference, or None when
+        weights go over a broadcast group: both sides of a broadcast block, so the caller starts it when the
+        generator has no sampling queued)."""
+        publish = [sync and rank == 0 and not self._broadcasts() for rank in range(len(self._trainers))]
         calls = [t.train_examples.options(num_returns=2 if p else 1).remote(examples_ref, p)
                  for t, p in zip(self._trainers, publish)]
         sync_ref = None
-        if sync:
+        if publish[0]:
             calls[0], weights_ref = calls[0]
             sync_ref = self._publish_and_sync(weights_ref)
         stats = ray.get(calls)[0]
         self._trainer_version = stats["weight_version"]
         self.state.global_step = stats["global_step"]
-        if sync:
+        if not sync:
+            return stats
+        if sync_ref is not None:
             self._synced_version = self._trainer_version
-            return stats, sync_ref
-        return stats
+        return stats, sync_ref  # None with a broadcast group: the caller syncs once the generator is idle
 
     # ---- TRL API --------------------------------------------------------------------------------------
     def step(self, input_ids=None, attention_mask=None, labels=None, texts=None, texts_labels=None) -> dict[str, Any]:

@@ -106,6 +106,9 @@ class RolloutLoop:
                 "sync_wall_seconds": time.perf_counter() - issued_at if self.max_staleness == 0 else math.nan}
 
     def _complete(self, entry: dict, sync_ref, issued_at: float, generator, progress) -> None:
+        if sync_ref is None:  # a broadcast group: sync now that the generator has no sampling queued
+            issued_at, sync_ref = time.perf_counter(), self.trainer._publish_and_sync()
+            generator = self.trainer._generator
         entry.update(self._finish_sync(sync_ref, issued_at, generator))
         trainer = self.trainer
         trainer.history.append(entry)

@@ -14,6 +14,7 @@ import torch
 from transformers import GPT2LMHeadModel, TrainerCallback
 
 from _iterative_fixtures import arguments, arithmetic, gpt2, t5, tokenizer
+from actors.generator import completion_tokens
 from actors.rollouts import read_rollouts
 from raytrainer import IterativeSFTTrainer
 from raytrainer.sft_step import SFTStepper, build_optimizer_and_scheduler, check_step_inputs, encode_examples, pad_examples
@@ -129,6 +130,26 @@ def test_train_round_records_history_and_writes_rollouts_before_training(make_tr
     assert set(rollouts.column("weight_version").to_pylist()) == {0, 1}
 
 
+def test_weights_can_go_over_a_broadcast_group(make_trainer):
+    """The GPU path (trainer rank 0 and the generator in a NCCL broadcast group of their own), run on gloo."""
+    trainer = make_trainer()
+    trainer._weight_transport = "gloo"  # chosen automatically: "nccl" when each actor has a GPU
+    history = trainer.train(TEXTS * 2, length_reward, 2, samples_per_prompt=2, max_staleness=1,
+                            generation_kwargs={"max_new_tokens": 3})
+    assert [h["weight_version"] for h in history] == [1, 2]
+    assert all(h["sync_bytes"] > 0 for h in history)
+    generated = trainer.generate(TEXTS, do_sample=False, max_new_tokens=3)
+    assert generated.weight_version == 2
+    # The generator's weights are the trainer's: greedy completions equal the fetched model's.
+    model, tok = trainer.model.eval(), tokenizer()
+    tok.padding_side = "left"
+    encoded = tok(TEXTS, padding=True, return_tensors="pt")
+    expected = model.generate(**encoded, do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
+    new_tokens = expected[:, encoded["input_ids"].shape[1]:].tolist()
+    completions = [completion_tokens(row, tok.eos_token_id) for row in new_tokens]
+    assert list(generated) == tok.batch_decode(completions, skip_special_tokens=True)
+
+
 def test_max_staleness_one_overlaps_and_never_trains_on_staler_rollouts(make_trainer, tmp_path):
     trainer = make_trainer()
     history = trainer.train(TEXTS, length_reward, 4, samples_per_prompt=2, max_staleness=1,
@@ -139,8 +160,10 @@ def test_max_staleness_one_overlaps_and_never_trains_on_staler_rollouts(make_tra
     assert sorted(set(versions)) == [0, 1, 2]
 
 
-def test_killed_generator_process_is_restarted_with_the_latest_weights(make_trainer):
+@pytest.mark.parametrize("transport", [None, "gloo"])  # the object store (CPU default); a broadcast group
+def test_killed_generator_process_is_restarted_with_the_latest_weights(make_trainer, transport):
     trainer = make_trainer()
+    trainer._weight_transport = transport
     killed = []
 
     class KillGenerator(TrainerCallback):
