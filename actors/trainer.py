@@ -93,7 +93,7 @@ class TrainerActor:
         return self.weight_version
 
     def publish_weights(self) -> WeightVersion:
-        """The current weights as one flat buffer (returned through the object store, zero-copy)."""
+        """The current weights as byte views of its tensors, one object in the object store (no packing copy)."""
         return pack_weights(self.model, self.weight_version)
 
     def save_checkpoint(self, directory: str) -> None:

@@ -167,8 +167,8 @@ class IterativeSFTTrainer:
             self._generator.load_weights.remote(self._weights_ref)
 
     def _publish_and_sync(self, weights_ref=None):
-        """One sync: the trainer packs its weights once (or already did: `weights_ref`); the generator reads
-        them from the object store."""
+        """One sync: the trainer packs its weights once (or already did: `weights_ref`) and the generator reads
+        them from the object store; with a broadcast group, the trainer sends and the generator receives."""
         generator = self._ensure_generator()
         self._synced_version = self._trainer_version
         if self._broadcasts():  # both sides of one collective; a failed send shows as the receive's error
