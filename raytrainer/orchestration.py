@@ -85,29 +85,47 @@ class RayReporter:
     def cancelled(self) -> bool:
         return self.was_cancelled
 
+    @property
+    def reports_to_ray_train(self) -> bool:
+        """A search trial whose checkpoints stay in its own output_dir reports to Tune only (through `on_report`):
+        a Ray Train report would record nothing new and costs an actor barrier plus a wait for the controller's
+        next poll at every evaluation. Its restart point is kept by the channel instead (`latest_checkpoint`)."""
+        return self.on_report is None or self.persist_checkpoints
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and self.rank == 0 else None
         location = os.path.abspath(checkpoint_dir) if checkpoint is not None else None
+        if self.reports_to_ray_train:
+            location = self._report_to_ray_train(metrics, checkpoint, checkpoint_dir) or location
+        if checkpoint is not None:  # from now on a restart of this command resumes from this checkpoint
+            ray.get(self.channel.note_checkpoint.remote(
+                self.command_seq, None if self.reports_to_ray_train else location))
+        if self.on_report is not None and self.rank == 0:
+            self.on_report(metrics, location)
+
+    def _report_to_ray_train(self, metrics: dict, checkpoint: Checkpoint | None, checkpoint_dir: str | None
+                             ) -> str | None:
+        """Report to Ray Train (every rank); the checkpoint's persisted location when storage_path copied it."""
         if checkpoint is None or self.persist_checkpoints:
             name = self.checkpoint_prefix + os.path.basename(checkpoint_dir) if checkpoint is not None else None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                              delete_local_checkpoint_after_upload=False)
-            if checkpoint is not None:
-                location = _persisted_location(name)
-        else:  # no storage_path: the checkpoint in output_dir is the record; Ray stores a pointer to it
-            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False,
-                             checkpoint_upload_fn=_store_pointer)
-        if checkpoint is not None:  # from now on a restart of this command resumes from Ray Train's checkpoint
-            ray.get(self.channel.note_checkpoint.remote(self.command_seq))
-        if self.on_report is not None and self.rank == 0:
-            self.on_report(metrics, location)
+            return _persisted_location(name) if checkpoint is not None else None
+        # no storage_path: the checkpoint in output_dir is the record; Ray stores a pointer to it
+        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False,
+                         checkpoint_upload_fn=_store_pointer)
+        return None
 
     def latest_checkpoint(self) -> str | None:
-        """The checkpoint Ray Train restored after a worker-group restart, when this command reported it (a warm
-        group also holds the checkpoints of earlier commands); None on a first attempt."""
-        if not ray.get(self.channel.has_checkpoint.remote(self.command_seq)):
+        """After a worker-group restart, the checkpoint this command saved last: the one Ray Train restored (a
+        warm group also holds the checkpoints of earlier commands), or a search trial's own; None on a first
+        attempt."""
+        noted = ray.get(self.channel.checkpoint_of.remote(self.command_seq))
+        if noted is None:
             return None
+        if not self.reports_to_ray_train:  # the same path on every rank, as Ray Train's pointer would give
+            return noted
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None

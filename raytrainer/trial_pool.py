@@ -1,8 +1,10 @@
 """The warm worker groups of one hyperparameter search, lent to its trials one at a time.
 
 The driver owns the groups (`SearchGroups`, like a Trainer owns its warm group); trials borrow one through a light
-actor (`GroupLender`), train on it, and give it back, so a trial costs its training steps instead of a Ray Train
-start-up. The search adopts the Trainer's warm group when it has one and hands a group back to the Trainer at the
+actor (`GroupLender`, kept for the driver's next search), train on it, and give it back, so a trial costs its
+training steps instead of a Ray Train start-up. Tune runs one trial at a time until a trial holds its group for a
+few seconds (`TrialConcurrency`): each trial actor is a new process, and short trials gain nothing from more of
+them. The search adopts the Trainer's warm group when it has one and hands a group back to the Trainer at the
 end (a later `train()` starts at once). Groups start one at a time, a new one only when trials wait for a group
 and none came free for a few seconds: parallel start-ups slow each other down, and short trials are served
 faster by the running groups than by a new one.
@@ -31,16 +33,21 @@ class GroupLender:
     """Lends the search's groups (by their command channels) to trials: `acquire`, `submit`, `release`."""
 
     def __init__(self, one_shot: bool):
+        self.loan_ids = itertools.count()  # never restarts: a loan of an earlier search matches no later one
+        self.changed: asyncio.Condition | None = None
+        self.reset(one_shot)
+
+    def reset(self, one_shot: bool) -> None:
+        """Serve a new search (a lender outlives its search, so the next one starts no new actor process)."""
         self.one_shot = one_shot  # a group is replaced after each loan (Ray Data streams)
         self.channels: dict[int, Any] = {}
         self.free: list[int] = []
         self.loans: dict[int, list] = {}  # loan -> [group index, trial_id, seq of its command or None]
-        self.loan_ids = itertools.count()
+        self.lent_at: dict[int, float] = {}  # loan -> when it was made
         self.waiting = 0
         self.last_progress = time.monotonic()  # when a group was last lent or added
         self.returned: list[int] = []  # one-shot groups back from a loan, to be replaced by the driver
         self.error: str | None = None
-        self.changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
         if self.changed is None:  # created inside the actor's event loop
@@ -62,6 +69,7 @@ class GroupLender:
             self.last_progress = time.monotonic()
             loan = next(self.loan_ids)
             self.loans[loan] = [index, trial_id, None]
+            self.lent_at[loan] = self.last_progress
             return loan, self.channels[index]
 
     async def submit(self, loan: int, payload: dict) -> int | None:
@@ -92,6 +100,7 @@ class GroupLender:
         if loan not in self.loans:
             return
         index = self.loans.pop(loan)[0]
+        self.lent_at.pop(loan, None)
         if index not in self.channels:
             return  # withdrawn meanwhile (its group failed)
         if self.one_shot:
@@ -121,21 +130,86 @@ class GroupLender:
             self.error = error
             self._condition().notify_all()
 
-    def status(self) -> tuple[int, bool, list[int]]:
+    def status(self) -> tuple[int, bool, bool, list[int]]:
         """How many trials wait for a group; whether they waited `MORE_GROUPS_AFTER_S` without any group being lent
-        or added (so another group would pay off); the one-shot groups returned since the last call."""
+        or added (so another group would pay off); whether a trial has held its group that long (trials are long:
+        more of them side by side would pay off); the one-shot groups returned since the last call."""
         returned, self.returned = self.returned, []
-        starved = self.waiting > 0 and time.monotonic() - self.last_progress > MORE_GROUPS_AFTER_S
-        return self.waiting, starved, returned
+        now = time.monotonic()
+        starved = self.waiting > 0 and now - self.last_progress > MORE_GROUPS_AFTER_S
+        long_trials = any(now - lent > MORE_GROUPS_AFTER_S for lent in self.lent_at.values())
+        return self.waiting, starved, long_trials, returned
+
+
+class TrialConcurrency:
+    """Tune's limit on trials running at once: one at first, `limit` as soon as a trial has held its group for
+    `MORE_GROUPS_AFTER_S` (long trials: more groups pay off, and waiting trials make the pool start them).
+
+    Every trial actor Tune starts is a new process that imports Ray Tune (~2 s of CPU on 2 cores), and short trials
+    run one after the other on the warm groups anyway, so starting `limit` of them up front only delays the first
+    trial. Only schedulers that never pause a trial start this way: the others (PBT, HyperBand) pause trials until
+    the rest of their population or bracket catches up, so all of them must be able to run at once.
+    """
+
+    NEVER_PAUSING = ("FIFOScheduler", "AsyncHyperBandScheduler", "MedianStoppingRule")
+
+    def __init__(self, tune_kwargs: dict[str, Any], limit: int):
+        """Set up `tune_kwargs` (`search_alg`, `max_concurrent_trials`) for at most `limit` trials at once."""
+        from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
+
+        self.limit, self.limiter = limit, None
+        scheduler, search_alg = tune_kwargs.get("scheduler"), tune_kwargs.get("search_alg")
+        pausing = scheduler is not None and type(scheduler).__name__ not in self.NEVER_PAUSING
+        if limit > 1 and not pausing:
+            if search_alg is None:
+                self.limiter = BasicVariantGenerator(max_concurrent=1)
+            elif isinstance(search_alg, Searcher) and not isinstance(search_alg, ConcurrencyLimiter):
+                self.limiter = ConcurrencyLimiter(search_alg, max_concurrent=1)
+        if self.limiter is None:
+            tune_kwargs["max_concurrent_trials"] = limit
+        else:
+            tune_kwargs["search_alg"] = self.limiter
+            tune_kwargs.pop("max_concurrent_trials", None)
+
+    @property
+    def current(self) -> int:
+        return self.limit if self.limiter is None else self.limiter.max_concurrent
+
+    def open_up(self) -> None:
+        """Let `limit` trials run at once from now on."""
+        if self.limiter is None or self.limiter.max_concurrent >= self.limit:
+            return
+        if hasattr(self.limiter, "searcher"):  # a ConcurrencyLimiter: the searcher may keep its own limit
+            self.limiter.searcher.set_max_concurrency(self.limit)
+        self.limiter.max_concurrent = self.limit
+
+
+_IDLE_LENDERS: list = []  # lenders of finished searches in this driver, kept for the next search
+
+
+def _take_lender(one_shot: bool) -> Any:
+    """An idle lender reset for a new search, or a new one (a new actor process costs a second or more)."""
+    while _IDLE_LENDERS:
+        lender = _IDLE_LENDERS.pop()
+        try:
+            ray.get(lender.reset.remote(one_shot), timeout=10)
+            return lender
+        except Exception:  # noqa: BLE001 - gone with an earlier Ray session, or unresponsive: start a new one
+            continue
+    return GroupLender.options(max_concurrency=1000).remote(one_shot=one_shot)
 
 
 class SearchGroups:
     """The driver's side: starts, replaces and finally releases the search's worker groups."""
 
-    def __init__(self, spec: Any, size: int, ray_datasets: dict | None, adopted: Any | None = None):
+    def __init__(self, spec: Any, size: int, ray_datasets: dict | None, adopted: Any | None = None,
+                 concurrency: TrialConcurrency | None = None):
         self.spec, self.size, self.ray_datasets = spec, size, ray_datasets or None
-        self.lender = GroupLender.options(max_concurrency=1000).remote(one_shot=bool(self.ray_datasets))
+        self.concurrency = concurrency
+        self.lender = _take_lender(one_shot=bool(self.ray_datasets))
         self.groups: dict[int, Any] = {}
+        self.status_asked: ray.ObjectRef | None = None
+        self.status_predates_group = False  # the status in flight was asked before the last group was added
         self.starting: tuple[int, ray.ObjectRef] | None = None
         self.ever_ready = self.failed = False
         self.last_tick = 0.0
@@ -169,12 +243,22 @@ class SearchGroups:
                     self.ever_ready = True
                     # Waited for: an async actor may run the next call (status) before this one.
                     ray.get(self.lender.add.remote(index, self.groups[index].channel))
+                    self.status_predates_group = True
         for index, group in list(self.groups.items()):
             if not group.alive:
                 if self.starting is not None and self.starting[0] == index:
                     self.starting = None
                 self._drop_failed(index, group)
-        waiting, starved, returned = ray.get(self.lender.status.remote())
+        # Asked at one tick, read at a later one: Tune's loop never waits for the lender.
+        if self.status_asked is None or not ray.wait([self.status_asked], timeout=0)[0]:
+            self.status_asked = self.status_asked or self.lender.status.remote()
+            return
+        waiting, starved, long_trials, returned = ray.get(self.status_asked)
+        self.status_asked = self.lender.status.remote()
+        if self.status_predates_group:  # its trials may have got the new group meanwhile
+            self.status_predates_group = starved = False
+        if long_trials and self.concurrency is not None:
+            self.concurrency.open_up()
         for index in returned:  # one-shot groups (Ray Data): a fresh run for the next trial
             self.groups.pop(index).close(timeout_s=0)
         if self.starting is None and not self.failed and (starved or (waiting and not self.groups)):
@@ -201,7 +285,7 @@ class SearchGroups:
                 kept = group
             else:
                 group.close(timeout_s=0 if self.starting and self.starting[0] == index else 60)
-        ray.kill(self.lender)
+        _IDLE_LENDERS.append(self.lender)
         return kept
 
 

@@ -348,7 +348,7 @@ def hyperparameter_search(
     from raytrainer.orchestration import WorkerGroupSpec
     from raytrainer.search_results import make_progress_callback, summarize_search
     from raytrainer.trial import run_trial
-    from raytrainer.trial_pool import SearchGroups, tune_callback
+    from raytrainer.trial_pool import SearchGroups, TrialConcurrency, tune_callback
     from raytrainer.trial_worker import TrialJob
     from raytrainer.worker_group import close_all_worker_groups
 
@@ -357,10 +357,12 @@ def hyperparameter_search(
                          output_dir=os.path.abspath(trainer.args.output_dir), hp_name=hp_name)
     adopted = trainer._lend_workers(usable=not ray_datasets)  # the Trainer's warm workers serve the first trials
     close_all_worker_groups(idle_only=True, keep=adopted)  # other Trainers' idle workers would hold resources
-    groups = SearchGroups(WorkerGroupSpec.of(trainer.args), settings.pool_size, ray_datasets, adopted=adopted)
+    tune_kwargs = dict(settings.tune_kwargs)
+    concurrency = TrialConcurrency(tune_kwargs, settings.pool_size)
+    groups = SearchGroups(WorkerGroupSpec.of(trainer.args), settings.pool_size, ray_datasets, adopted=adopted,
+                          concurrency=concurrency)
     try:
         progress = make_progress_callback(settings.mode, settings.scope)
-        tune_kwargs = dict(settings.tune_kwargs)
         tune_kwargs["callbacks"] = [progress, tune_callback(groups), *(tune_kwargs.get("callbacks") or [])]
         trainable = tune.with_parameters(
             run_trial, pool=groups.lender, trial_job=[ray.put(trial_job)],

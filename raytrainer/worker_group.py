@@ -46,7 +46,7 @@ class CommandChannel:
         self.last_seq = 0
         self.closed = False
         self.events: list = []
-        self.checkpointed: set[int] = set()
+        self.checkpointed: dict[int, str] = {}
         self.cancelled: set[int] = set()
         self.last_active = time.monotonic()
         self.ready = False  # rank 0 asked for its first command: the workers are up
@@ -180,11 +180,13 @@ class CommandChannel:
     def is_cancelled(self, seq: int) -> bool:
         return seq in self.cancelled
 
-    def note_checkpoint(self, seq: int) -> None:
-        self.checkpointed.add(seq)
+    def note_checkpoint(self, seq: int, path: str | None = None) -> None:
+        """Command `seq` saved a checkpoint: at `path`, or (None) the one it reported to Ray Train."""
+        self.checkpointed[seq] = path or ""
 
-    def has_checkpoint(self, seq: int) -> bool:
-        return seq in self.checkpointed
+    def checkpoint_of(self, seq: int) -> str | None:
+        """None when command `seq` saved no checkpoint yet; else its path, or "" for Ray Train's latest."""
+        return self.checkpointed.get(seq)
 
 
 def serve_commands(config: dict) -> None:

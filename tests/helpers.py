@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 import datasets
 
@@ -72,3 +76,16 @@ def lm_dataset(n: int = 48, seq_len: int = 16, seed: int = 0) -> datasets.Datase
     labels = np.where(ids == 0, -100, ids)
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": (ids != 0).astype(np.int64).tolist(),
                                        "labels": labels.tolist()})
+
+
+class KillWorkerOnce(TrainerCallback):
+    """SIGKILLs its own worker process at `step` on rank 0, the first time only (a marker file remembers)."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and state.is_world_process_zero and not os.path.exists(self.marker):
+            with open(self.marker, "w") as file:
+                file.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)

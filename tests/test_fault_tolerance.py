@@ -1,30 +1,15 @@
 """Killing a worker process mid-run: Ray Train restarts the group and training resumes from the checkpoint."""
 
 import os
-import signal
 
 import pytest
 import transformers
-from transformers import TrainerCallback
 
-from helpers import RegressionModel, regression_dataset
+from helpers import KillWorkerOnce, RegressionModel, regression_dataset
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class KillWorkerOnce(TrainerCallback):
-    """SIGKILLs its own worker process at `step` on rank 0, the first time only (a marker file remembers)."""
-
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step and state.is_world_process_zero and not os.path.exists(self.marker):
-            with open(self.marker, "w") as file:
-                file.write(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_killed_worker_is_restarted_and_reaches_the_same_weights(tmp_path):

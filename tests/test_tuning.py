@@ -1,6 +1,7 @@
 """Hyperparameter search on real Ray Tune: each trial trains a tiny regression on Ray Train workers."""
 
 import os
+import time
 
 import pytest
 from ray import tune
@@ -8,7 +9,9 @@ from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from transformers import TrainerCallback
 
 from _tuning_fixtures import make_trainer
+from helpers import KillWorkerOnce
 from raytrainer import BestRun
+from raytrainer.trial_pool import MORE_GROUPS_AFTER_S
 
 # AdamW moves each parameter ~lr per step (linear decay to 0 over 20 steps): lr 0.3-1 fits y = 2x + 3 (eval loss
 # ~0.2), 1e-3 barely moves (~11.7), 30 overshoots (~40). Measured with the same data and schedule.
@@ -138,3 +141,53 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
     assert len(results.by_trial[slow.trial_id]) == 4, context  # the trial after the failed one trained
     trainer.evaluate()  # the search handed a running group back to the Trainer
     assert evaluations.pids[-1] in trial_pids, (evaluations.pids, context)
+
+
+def test_a_trial_whose_worker_is_killed_resumes_from_its_last_checkpoint(ray_session, tmp_path):
+    marker = tmp_path / "killed.pid"
+    marker.write_text("not yet")  # the first search runs undisturbed: it is the reference
+    trainer = make_trainer(tmp_path, eval_steps=2, logging_steps=2, max_failures=1,
+                           callbacks=[KillWorkerOnce(5, str(marker))])
+    undisturbed, resumed = RecordResults(), RecordResults()
+    trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[undisturbed])
+    marker.unlink()  # the second search's worker dies at step 5, after the checkpoint of step 4
+    best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[resumed])
+    assert marker.read_text().isdigit()  # a worker really was killed
+    (reference,), (results,) = undisturbed.by_trial.values(), resumed.by_trial.values()
+    # Ray Train restarted the group and the trial went on from step 4: every evaluation once, the same numbers.
+    assert [step for step, _ in results] == [step for step, _ in reference] == list(range(2, 21, 2))
+    assert [objective for _, objective in results] == pytest.approx([objective for _, objective in reference],
+                                                                    rel=1e-5)
+    assert best.run_summary.trials[0].status == "TERMINATED"
+
+
+class TrialTimes(tune.Callback):
+    """When each trial started and ended running (driver clock)."""
+
+    def __init__(self):
+        self.started, self.ended = {}, {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.monotonic())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = time.monotonic()
+
+
+class SlowSteps(TrainerCallback):
+    """Makes the trials with GOOD_LR slow: 20 steps of 0.75 s."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.learning_rate == GOOD_LR:
+            time.sleep(0.75)
+
+
+def test_a_trial_that_holds_its_group_long_lets_the_next_trials_start_beside_it(ray_session, tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=[SlowSteps()])
+    times = TrialTimes()
+    best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, SLOW_LR), n_trials=1, callbacks=[times])
+    first, second = sorted(times.started, key=times.started.get)
+    # Tune starts with one trial (its actor process is costly); once that trial has held its group for
+    # MORE_GROUPS_AFTER_S, the next one starts beside it (and waits for a group of its own).
+    assert times.started[first] + MORE_GROUPS_AFTER_S <= times.started[second] < times.ended[first], times.__dict__
+    assert best.hyperparameters == {"learning_rate": GOOD_LR}

@@ -5,11 +5,13 @@ import threading
 
 import pytest
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from transformers import TrainerCallback
 
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.search_results import results_table, trial_score
+from raytrainer.trial_pool import TrialConcurrency
 from raytrainer.tuning import apply_hyperparameters, fill_metric_and_mode, plan_trial_resources
 from _tuning_fixtures import RegressionModel, make_trainer, regression_data
 
@@ -153,3 +155,38 @@ def test_results_table_sorts_by_objective():
     lines = results_table(trials, results, {"b"}, "min", "last").splitlines()
     assert [line.split("|")[1].strip() for line in lines[2:]] == ["b", "a", "c"]
     assert "stopped early" in lines[2] and "completed" in lines[3] and "error" in lines[4]
+
+
+class StaticSearcher(Searcher):
+    """A search algorithm that suggests one fixed configuration."""
+
+    def suggest(self, trial_id):
+        return {"learning_rate": 0.1}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+@pytest.mark.parametrize("scheduler", [None, ASHAScheduler(), MedianStoppingRule()])
+def test_tune_starts_one_trial_and_opens_up_to_the_pool(scheduler):
+    kwargs = {"scheduler": scheduler, "max_concurrent_trials": 4}
+    concurrency = TrialConcurrency(kwargs, limit=4)
+    assert "max_concurrent_trials" not in kwargs and isinstance(kwargs["search_alg"], BasicVariantGenerator)
+    assert concurrency.current == kwargs["search_alg"].max_concurrent == 1
+    concurrency.open_up()
+    assert concurrency.current == kwargs["search_alg"].max_concurrent == 4
+    searcher = StaticSearcher(metric="objective", mode="min")
+    kwargs = {"scheduler": scheduler, "search_alg": searcher}
+    concurrency = TrialConcurrency(kwargs, limit=3)
+    limiter = kwargs["search_alg"]
+    assert isinstance(limiter, ConcurrencyLimiter) and limiter.searcher is searcher and limiter.max_concurrent == 1
+    concurrency.open_up()
+    assert limiter.max_concurrent == 3
+
+
+def test_schedulers_that_pause_trials_get_every_trial_at_once():
+    pbt = PopulationBasedTraining(hyperparam_mutations={"learning_rate": [0.1, 0.2]})
+    for scheduler, limit in ((pbt, 4), (HyperBandScheduler(), 3), (None, 1)):
+        kwargs = {"scheduler": scheduler}
+        concurrency = TrialConcurrency(kwargs, limit=limit)
+        assert kwargs["max_concurrent_trials"] == concurrency.current == limit and "search_alg" not in kwargs

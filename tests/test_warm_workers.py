@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from helpers import RegressionModel, regression_dataset
 from parity import assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from test_fault_tolerance import KillWorkerOnce
+from helpers import KillWorkerOnce
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
