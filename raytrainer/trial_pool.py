@@ -159,21 +159,16 @@ class TrialConcurrency:
 
         self.limit, self.limiter = limit, None
         scheduler, search_alg = tune_kwargs.get("scheduler"), tune_kwargs.get("search_alg")
-        pausing = scheduler is not None and type(scheduler).__name__ not in self.NEVER_PAUSING
-        if limit > 1 and not pausing:
-            if search_alg is None:
-                self.limiter = BasicVariantGenerator(max_concurrent=1)
-            elif isinstance(search_alg, Searcher) and not isinstance(search_alg, ConcurrencyLimiter):
-                self.limiter = ConcurrencyLimiter(search_alg, max_concurrent=1)
-        if self.limiter is None:
+        tune_kwargs.pop("max_concurrent_trials", None)
+        if search_alg is not None and (not isinstance(search_alg, Searcher) or isinstance(search_alg,
+                                                                                          ConcurrencyLimiter)):
+            return  # the user's own ConcurrencyLimiter or search generator sets it (Tune refuses a second limit)
+        if limit == 1 or (scheduler is not None and type(scheduler).__name__ not in self.NEVER_PAUSING):
             tune_kwargs["max_concurrent_trials"] = limit
-        else:
-            tune_kwargs["search_alg"] = self.limiter
-            tune_kwargs.pop("max_concurrent_trials", None)
-
-    @property
-    def current(self) -> int:
-        return self.limit if self.limiter is None else self.limiter.max_concurrent
+            return
+        self.limiter = (BasicVariantGenerator(max_concurrent=1) if search_alg is None
+                        else ConcurrencyLimiter(search_alg, max_concurrent=1))
+        tune_kwargs["search_alg"] = self.limiter
 
     def open_up(self) -> None:
         """Let `limit` trials run at once from now on."""

@@ -6,6 +6,7 @@ import time
 import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from transformers import TrainerCallback
 
 from _tuning_fixtures import make_trainer
@@ -191,3 +192,35 @@ def test_a_trial_that_holds_its_group_long_lets_the_next_trials_start_beside_it(
     # MORE_GROUPS_AFTER_S, the next one starts beside it (and waits for a group of its own).
     assert times.started[first] + MORE_GROUPS_AFTER_S <= times.started[second] < times.ended[first], times.__dict__
     assert best.hyperparameters == {"learning_rate": GOOD_LR}
+
+
+class ListSearcher(Searcher):
+    """A minimal custom search algorithm: suggests the given learning rates in order."""
+
+    def __init__(self, rates):
+        super().__init__()  # no metric/mode: the search gives it "objective" and direction's mode
+        self.rates, self.results = list(rates), {}
+
+    def set_search_properties(self, metric, mode, config, **spec):
+        self._metric, self._mode = metric, mode
+        return True
+
+    def suggest(self, trial_id):
+        return {"learning_rate": self.rates.pop(0)} if self.rates else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.results[trial_id] = result
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_a_search_algorithm_of_the_users_suggests_the_trials(lr_search, limited):
+    trainer, _ = lr_search
+    searcher = ListSearcher([SLOW_LR, GOOD_LR])
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=1) if limited else searcher
+    best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.loguniform(1e-4, 1.0)},
+                                         n_trials=2, search_alg=search_alg, max_concurrent_trials=2)
+    assert (searcher.metric, searcher.mode) == ("objective", "min")
+    assert sorted(trial.config["learning_rate"] for trial in best.run_summary.trials) == [SLOW_LR, GOOD_LR]
+    assert set(searcher.results) == {trial.trial_id for trial in best.run_summary.trials}  # told of each result
+    assert best.hyperparameters == {"learning_rate": GOOD_LR}
+    assert best.objective == min(result["objective"] for result in searcher.results.values())

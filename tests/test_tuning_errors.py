@@ -172,9 +172,9 @@ def test_tune_starts_one_trial_and_opens_up_to_the_pool(scheduler):
     kwargs = {"scheduler": scheduler, "max_concurrent_trials": 4}
     concurrency = TrialConcurrency(kwargs, limit=4)
     assert "max_concurrent_trials" not in kwargs and isinstance(kwargs["search_alg"], BasicVariantGenerator)
-    assert concurrency.current == kwargs["search_alg"].max_concurrent == 1
+    assert kwargs["search_alg"].max_concurrent == 1
     concurrency.open_up()
-    assert concurrency.current == kwargs["search_alg"].max_concurrent == 4
+    assert kwargs["search_alg"].max_concurrent == 4
     searcher = StaticSearcher(metric="objective", mode="min")
     kwargs = {"scheduler": scheduler, "search_alg": searcher}
     concurrency = TrialConcurrency(kwargs, limit=3)
@@ -188,5 +188,12 @@ def test_schedulers_that_pause_trials_get_every_trial_at_once():
     pbt = PopulationBasedTraining(hyperparam_mutations={"learning_rate": [0.1, 0.2]})
     for scheduler, limit in ((pbt, 4), (HyperBandScheduler(), 3), (None, 1)):
         kwargs = {"scheduler": scheduler}
-        concurrency = TrialConcurrency(kwargs, limit=limit)
-        assert kwargs["max_concurrent_trials"] == concurrency.current == limit and "search_alg" not in kwargs
+        TrialConcurrency(kwargs, limit=limit).open_up()
+        assert kwargs == {"scheduler": scheduler, "max_concurrent_trials": limit}
+
+
+def test_a_users_own_concurrency_limit_is_kept():
+    limiter = ConcurrencyLimiter(StaticSearcher(metric="objective", mode="min"), max_concurrent=2)
+    kwargs = {"search_alg": limiter, "max_concurrent_trials": 4}
+    TrialConcurrency(kwargs, limit=4).open_up()  # Tune refuses max_concurrent_trials beside a ConcurrencyLimiter
+    assert kwargs == {"search_alg": limiter} and limiter.max_concurrent == 2
