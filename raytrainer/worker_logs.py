@@ -46,13 +46,23 @@ class RankPrefixedStream(io.TextIOBase):
         return getattr(self.stream, "encoding", "utf-8")
 
 
+# Ray Train logs every report at INFO ("Reporting training result N: TrainingReport(...)", one console line per
+# evaluation and checkpoint) from this module's `logger` (its only INFO log); the driver already prints the metrics,
+# in transformers' format.
+RAY_TRAIN_REPORTING_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def tag_worker_output(rank: int) -> None:
-    """Prefix this worker process's stdout/stderr lines with `[rank N]` and turn off HF progress bars."""
+    """Prefix this worker process's stdout/stderr lines with `[rank N]`; turn off HF progress bars and Ray Train's
+    line per report."""
     import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    report_logger = getattr(sys.modules.get(RAY_TRAIN_REPORTING_MODULE), "logger", None)  # loaded in a Train worker
+    if isinstance(report_logger, logging.Logger):
+        report_logger.setLevel(logging.WARNING)
     tagged_by_fd = {}
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)

@@ -23,7 +23,9 @@ def test_tag_worker_output_wraps_stdout_and_stderr_once(monkeypatch):
     monkeypatch.setattr(sys, "stderr", err)
     import datasets
     import transformers
+    from ray.train.v2._internal.execution import context as train_context
 
+    train_context.logger.setLevel(logging.INFO)
     try:
         tag_worker_output(0)
         tag_worker_output(3)  # a reused worker process: re-tagged, not prefixed twice
@@ -36,7 +38,9 @@ def test_tag_worker_output_wraps_stdout_and_stderr_once(monkeypatch):
         logger.warning("careful")
         logger.removeHandler(handler)
         assert not transformers.utils.logging.is_progress_bar_enabled()
-    finally:  # this test process is not a worker: give its progress bars back
+        assert not train_context.logger.isEnabledFor(logging.INFO)  # no line per Ray Train report
+    finally:  # this test process is not a worker: give its progress bars and loggers back
         transformers.utils.logging.enable_progress_bar()
         datasets.enable_progress_bars()
+        train_context.logger.setLevel(logging.NOTSET)
     assert out.getvalue() == "[rank 3] hello\n" and err.getvalue() == "[rank 3] oops\n[rank 3] careful\n"
