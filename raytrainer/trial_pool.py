@@ -42,8 +42,8 @@ class GroupLender:
         self.one_shot = one_shot  # a group is replaced after each loan (Ray Data streams)
         self.channels: dict[int, Any] = {}
         self.free: list[int] = []
-        self.loans: dict[int, list] = {}  # loan -> [group index, trial_id, seq of its command or None]
-        self.lent_at: dict[int, float] = {}  # loan -> when it was made
+        # loan -> [group index, trial_id, seq of its command or None, when it was lent]
+        self.loans: dict[int, list] = {}
         self.waiting = 0
         self.last_progress = time.monotonic()  # when a group was last lent or added
         self.returned: list[int] = []  # one-shot groups back from a loan, to be replaced by the driver
@@ -68,8 +68,7 @@ class GroupLender:
             index = self.free.pop(0)
             self.last_progress = time.monotonic()
             loan = next(self.loan_ids)
-            self.loans[loan] = [index, trial_id, None]
-            self.lent_at[loan] = self.last_progress
+            self.loans[loan] = [index, trial_id, None, self.last_progress]
             return loan, self.channels[index]
 
     async def submit(self, loan: int, payload: dict) -> int | None:
@@ -90,7 +89,7 @@ class GroupLender:
 
     async def end_trial(self, trial_id: str) -> None:
         """Tune ended the trial (stopped, paused, failed): cancel its command and take its group back."""
-        for loan, (index, holder, seq) in list(self.loans.items()):
+        for loan, (index, holder, seq, _) in list(self.loans.items()):
             if holder == trial_id:
                 if seq is not None and index in self.channels:
                     self.channels[index].cancel.remote(seq)
@@ -100,7 +99,6 @@ class GroupLender:
         if loan not in self.loans:
             return
         index = self.loans.pop(loan)[0]
-        self.lent_at.pop(loan, None)
         if index not in self.channels:
             return  # withdrawn meanwhile (its group failed)
         if self.one_shot:
@@ -137,7 +135,7 @@ class GroupLender:
         returned, self.returned = self.returned, []
         now = time.monotonic()
         starved = self.waiting > 0 and now - self.last_progress > MORE_GROUPS_AFTER_S
-        long_trials = any(now - lent > MORE_GROUPS_AFTER_S for lent in self.lent_at.values())
+        long_trials = any(now - lent_at > MORE_GROUPS_AFTER_S for *_, lent_at in self.loans.values())
         return self.waiting, starved, long_trials, returned
 
 
