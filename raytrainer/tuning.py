@@ -387,6 +387,10 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
     scope = check_scope(scope)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise ValueError(f"n_trials={n_trials!r} is invalid: use a whole number >= 1.")
+    limit = kwargs.get("max_concurrent_trials")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"max_concurrent_trials={limit!r} is invalid: use a whole number >= 1, or leave it unset "
+                         "(as many trials as the cluster fits).")
     if compute_objective is not None and not callable(compute_objective):
         raise TypeError(f"compute_objective={compute_objective!r} must be a function metrics -> float.")
     for key, why in REJECTED_TUNE_KWARGS.items():

@@ -63,6 +63,11 @@ def test_n_trials_must_be_positive(tmp_path):
         make_trainer(tmp_path).hyperparameter_search(hp_space=LR_SPACE, n_trials=0)
 
 
+def test_max_concurrent_trials_must_be_a_whole_number_of_one_or_more(tmp_path):
+    for limit in (0, -2, 1.5):
+        search_error(make_trainer(tmp_path), f"max_concurrent_trials={limit} is invalid", max_concurrent_trials=limit)
+
+
 def test_needs_an_eval_dataset(tmp_path):
     trainer = make_trainer(tmp_path, eval_strategy="no")
     trainer.eval_dataset = None
