@@ -11,8 +11,9 @@ import torch
 
 from actors.rollouts import KeepRule, write_rollouts
 from actors.sampling import can_share_prefill, sample_with_shared_prefill
-from actors.weights import WeightBroadcastGroup, WeightLayout, WeightVersion, unpack_weights
-from raytrainer.sft_step import IGNORE_INDEX
+from actors.weights import WeightBroadcastGroup
+from raytrainer.backend.weights import WeightLayout, WeightVersion, unpack_weights
+from raytrainer.iterative.sft_step import IGNORE_INDEX
 
 
 def completion_tokens(sequence: list[int], eos_token_id: int | None) -> list[int]:

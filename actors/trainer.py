@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model
 
-from actors.weights import WeightBroadcastGroup, WeightLayout, WeightVersion, pack_weights, weight_layout
-from raytrainer.sft_step import SFTStepper, build_optimizer_and_scheduler, pad_examples, truncate
+from actors.weights import WeightBroadcastGroup
+from raytrainer.backend.weights import WeightLayout, WeightVersion, pack_weights, weight_layout
+from raytrainer.iterative.sft_step import SFTStepper, build_optimizer_and_scheduler, pad_examples, truncate
 
 STEPPER_STATE = "iterative_stepper.json"
 
@@ -114,9 +115,9 @@ class TrainerActor:
         """Every rank loads the same checkpoint, so the group continues in lockstep."""
         path = Path(directory)
         load_model(self.model, str(path / "model.safetensors"), device=str(self.device), strict=False)
-        self.stepper.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
-        self.stepper.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-        torch.set_rng_state(torch.load(path / "rng_state.pth"))
+        self.stepper.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.stepper.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng_state.pth", weights_only=True))
         counters = json.loads((path / STEPPER_STATE).read_text())
         self.stepper.global_step, self.stepper.steps_called = counters["global_step"], counters["steps_called"]
         self.weight_version = counters["weight_version"]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import iterative_sft_arithmetic as task  # noqa: E402
 
 from raytrainer import IterativeSFTTrainer, TrainingArguments  # noqa: E402
-from raytrainer.iterative_loop import round_prompts  # noqa: E402
+from raytrainer.iterative.loop import round_prompts  # noqa: E402
 
 
 # TRL 0.23 as shipped trains on the prompt too (it drops the labels of causal LMs), which lowers its accuracy

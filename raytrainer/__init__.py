@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Trainer": "raytrainer.trainer",
     "TrainingArguments": "raytrainer.arguments",
-    "IterativeSFTTrainer": "raytrainer.iterative",
-    "BestRun": "raytrainer.tuning",
+    "IterativeSFTTrainer": "raytrainer.iterative.trainer",
+    "BestRun": "raytrainer.tune.results",
 }
 
 __all__ = list(_EXPORTS)

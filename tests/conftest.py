@@ -30,7 +30,7 @@ def ray_session():
         previous = os.environ.get("RAY_API_SERVER_ADDRESS")
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
-            ray.init(num_cpus=8, logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1",
+            ray.init(num_cpus=8, num_gpus=0, logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1",
                      dashboard_port=port)
         finally:
             if previous is None:
@@ -41,10 +41,11 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def release_warm_workers():
-    """Each test's Trainers release their warm worker groups when the test ends (CPUs for the next test)."""
+    """A module's Trainers release their warm worker groups when the module ends (CPUs for the next module); within
+    a module, a new Trainer takes over an idle group of the same shape instead of starting one."""
     yield
-    worker_group = sys.modules.get("raytrainer.worker_group")
+    worker_group = sys.modules.get("raytrainer.backend.group")
     if worker_group is not None:
         worker_group.close_all_worker_groups()

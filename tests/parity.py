@@ -38,3 +38,12 @@ def assert_weights_close(expected: torch.nn.Module, actual: torch.nn.Module, tol
     for name in theirs:
         diff = (theirs[name].float() - ours[name].float()).abs().max().item()
         assert diff <= tol, (name, diff)
+
+
+def run_raytrainer(model, args, trainer_class=None, **kwargs):
+    """The same set-up through raytrainer.Trainer (or a subclass of it): trained by the Ray Train workers."""
+    from raytrainer import Trainer
+
+    trainer = (trainer_class or Trainer)(model=model, args=args, **kwargs)
+    output = trainer.train()
+    return trainer, output

@@ -8,7 +8,7 @@ import transformers
 from helpers import RegressionModel, regression_dataset
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.checkpoints import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

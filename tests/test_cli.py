@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from raytrainer.cli import main
-from raytrainer.job_config import ConfigError, load_job_config
-from raytrainer.job_setup import build_training_job
+from raytrainer.cli.config import ConfigError, load_job_config
+from raytrainer.cli.build import build_training_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
 TINY_GPT2 = "{model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 64}"

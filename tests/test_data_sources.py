@@ -8,7 +8,7 @@ import transformers
 from helpers import RegressionModel, TorchRegressionDataset, regression_dataset
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.data import from_arrow_payload, to_arrow_payload
+from raytrainer.backend.data_transport import ArrowDataset, DatasetSender, rebuild
 
 
 def settings(tmp_path, name, **overrides):
@@ -18,12 +18,18 @@ def settings(tmp_path, name, **overrides):
     return values
 
 
-def test_arrow_payload_round_trip_keeps_rows_order_and_format():
+@pytest.mark.usefixtures("ray_session")
+def test_a_dataset_travels_once_as_arrow_and_keeps_rows_order_and_format():
     data = regression_dataset(20).shuffle(seed=3).select(range(7)).with_format("torch", columns=["x", "labels"])
-    payload = to_arrow_payload(data)
-    rebuilt = from_arrow_payload(payload)
-    assert len(rebuilt) == 7 and rebuilt.format["type"] == "torch"
+    sender = DatasetSender()
+    stand_in = sender.stand_in(data, {}, "train")
+    assert isinstance(stand_in, ArrowDataset)
+    assert sender.stand_in(data, {}, "train") is stand_in  # put in the object store once per Trainer
+    rebuilt = rebuild(stand_in)
+    assert len(rebuilt) == 7 and rebuilt.format["type"] == "torch" and rebuilt._fingerprint == data._fingerprint
     assert torch.equal(rebuilt[:]["x"], data[:]["x"]) and set(rebuilt[0]) == {"x", "labels"}
+    both = rebuild(sender.stand_in({"a": data, "b": regression_dataset(3)}, {}, "eval"))
+    assert set(both) == {"a", "b"} and len(both["b"]) == 3
 
 
 class StreamOfRegressionRows(torch.utils.data.IterableDataset):

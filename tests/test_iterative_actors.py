@@ -17,7 +17,7 @@ from _iterative_fixtures import arguments, arithmetic, gpt2, t5, tokenizer
 from actors.generator import completion_tokens
 from actors.rollouts import read_rollouts
 from raytrainer import IterativeSFTTrainer
-from raytrainer.sft_step import SFTStepper, build_optimizer_and_scheduler, check_step_inputs, encode_examples, pad_examples
+from raytrainer.iterative.sft_step import SFTStepper, build_optimizer_and_scheduler, check_step_inputs, encode_examples, pad_examples
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # its reward functions go to the generator
 TEXTS, LABELS = ["1+2=", "30+4=", "12+12=", "7+40="], ["3", "34", "24", "47"]

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from _iterative_fixtures import arguments, gpt2, t5, tokenizer
 from actors.rollouts import KeepRule, read_rollouts, write_rollouts
 from actors.sampling import can_share_prefill, sample_with_shared_prefill
-from actors.weights import WeightBroadcastGroup, pack_weights, unpack_weights, weight_layout
-from raytrainer.sft_step import (IGNORE_INDEX, SFTStepper, build_optimizer_and_scheduler, check_step_inputs,
+from actors.weights import WeightBroadcastGroup
+from raytrainer.backend.weights import pack_weights, unpack_weights, weight_layout
+from raytrainer.iterative.sft_step import (IGNORE_INDEX, SFTStepper, build_optimizer_and_scheduler, check_step_inputs,
                                  encode_examples, pad_examples)
 
 

@@ -25,7 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
 
 DRIVER = """
 import json, ray
-from raytrainer.orchestration import ensure_ray
+from raytrainer.backend.cluster import ensure_ray
 ensure_ray()
 ensure_ray()  # a second call must reuse the same Ray
 context = ray.get_runtime_context()

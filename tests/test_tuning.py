@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from _tuning_fixtures import make_trainer
 from helpers import KillWorkerOnce
 from raytrainer import BestRun
-from raytrainer.trial_pool import MORE_GROUPS_AFTER_S
+from raytrainer.tune.pool import MORE_GROUPS_AFTER_S
 
 # AdamW moves each parameter ~lr per step (linear decay to 0 over 20 steps): lr 0.3-1 fits y = 2x + 3 (eval loss
 # ~0.2), 1e-3 barely moves (~11.7), 30 overshoots (~40). Measured with the same data and schedule.

@@ -10,9 +10,10 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from transformers import TrainerCallback
 
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.search_results import results_table, trial_score
-from raytrainer.trial_pool import TrialConcurrency
-from raytrainer.tuning import apply_hyperparameters, fill_metric_and_mode, plan_trial_resources
+from raytrainer.tune.results import results_table, trial_score
+from raytrainer.tune.pool import TrialConcurrency
+from raytrainer.tune.checks import fill_metric_and_mode, plan_trial_resources
+from raytrainer.tune.trial_config import apply_hyperparameters
 from _tuning_fixtures import RegressionModel, make_trainer, regression_data
 
 

@@ -116,7 +116,7 @@ def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
     args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=0, **common(max_steps=3))
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
     trainer.train()
-    assert trainer._workers is None and wait_until_gone(pids.pids[0])
+    assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.pids[0])
 
 
 def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_path):

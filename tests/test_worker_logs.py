@@ -4,7 +4,7 @@ import io
 import logging
 import sys
 
-from raytrainer.worker_logs import RankPrefixedStream, tag_worker_output
+from raytrainer.backend.worker_logs import RankPrefixedStream, tag_worker_output
 
 
 def test_every_line_gets_the_rank_prefix_once():

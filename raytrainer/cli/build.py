@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytrainer.job_config import ConfigError, JobConfig
+from raytrainer.cli.config import ConfigError, JobConfig
 
 DATA_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow",
                 ".txt": "text"}
@@ -17,7 +17,7 @@ SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass
-class TrainingJob:
+class ConfiguredJob:
     """The components a config describes, ready for `raytrainer.Trainer`."""
 
     model: Any
@@ -28,7 +28,7 @@ class TrainingJob:
     data_collator: Any
 
 
-def build_training_job(config: JobConfig) -> TrainingJob:
+def build_training_job(config: JobConfig) -> ConfiguredJob:
     """Load/build the tokenizer, model, datasets and arguments a validated config names."""
     args = build_training_arguments(config)
     tokenizer = load_tokenizer(config)
@@ -36,18 +36,17 @@ def build_training_job(config: JobConfig) -> TrainingJob:
     train = tokenize(config, load_split(config, "train"), tokenizer, "train")
     evaluation = tokenize(config, load_split(config, "eval"), tokenizer, "eval") if "eval" in config.data else None
     model = build_model(config, tokenizer, train)
-    return TrainingJob(model=model, args=args, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation,
+    return ConfiguredJob(model=model, args=args, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation,
                        data_collator=build_collator(task, tokenizer))
 
 
 def build_training_arguments(config: JobConfig):
     """raytrainer.TrainingArguments from the `training` section; its own checks become ConfigErrors."""
-    from raytrainer.arguments import TrainingArguments, check_supported_arguments
+    from raytrainer.arguments import TrainingArguments
 
     settings = {k: v for k, v in config.training.items() if k != "resume_from_checkpoint"}
     try:
         args = TrainingArguments(**settings)
-        check_supported_arguments(args)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{config.source}: the training section is not valid: {error}") from None
     _check_resume(config.training.get("resume_from_checkpoint"), args.output_dir)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import get_constant_schedule_with_warmup
 
-from raytrainer.optimization import create_optimizer, create_scheduler, current_learning_rate
+from transformers.trainer import Trainer as TransformersTrainer
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -186,18 +186,37 @@ def all_reduce_gradients(parameters: list[torch.nn.Parameter], extra: torch.Tens
 
 
 def build_optimizer_and_scheduler(model, args, optimizers=(None, None)):
-    """The given (optimizer, scheduler), or transformers' defaults. With `max_steps=-1` the length of the
-    run is unknown, so the schedule is constant after warmup (TRL built a linear decay to step -1: lr 0)."""
+    """The given (optimizer, scheduler), or those transformers' Trainer builds (its own `create_optimizer` and
+    `create_scheduler`, as TRL's IterativeSFTTrainer gets them). With `max_steps=-1` the length of the run is
+    unknown, so the schedule is constant after warmup (TRL built a linear decay to step -1: lr 0)."""
     optimizer, scheduler = optimizers
+    builder = _OptimizerBuilder(model, args, optimizer)
     if optimizer is None:
-        optimizer = create_optimizer(model, args)
+        optimizer = builder.create_optimizer()
     if scheduler is None:
         if args.max_steps > 0:
-            scheduler = create_scheduler(optimizer, args, args.max_steps)
+            scheduler = builder.create_scheduler(args.max_steps, optimizer)
         else:
             check_open_ended_schedule(args)
             scheduler = get_constant_schedule_with_warmup(optimizer, int(args.warmup_steps))
     return optimizer, scheduler
+
+
+class _OptimizerBuilder(TransformersTrainer):
+    """transformers' optimizer and scheduler builders without the rest of a Trainer: the trainer actor steps
+    outside a Trainer's loop (TRL's step API), and a whole Trainer would move the model and reseed the actor."""
+
+    def __init__(self, model, args, optimizer):  # super().__init__ is deliberately not called
+        self.model, self.args, self.optimizer = model, args, optimizer
+        self.optimizer_cls_and_kwargs, self.lr_scheduler, self._created_lr_scheduler = None, None, False
+
+
+def current_learning_rate(optimizer, scheduler) -> float:
+    """The learning rate of the first parameter group, as transformers logs it."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return optimizer.param_groups[0]["lr"]
+    last = scheduler.get_last_lr()[0]
+    return last.item() if torch.is_tensor(last) else last
 
 
 def check_open_ended_schedule(args) -> None:

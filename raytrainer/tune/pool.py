@@ -71,12 +71,12 @@ class GroupLender:
             self.loans[loan] = [index, trial_id, None, self.last_progress]
             return loan, self.channels[index]
 
-    async def submit(self, loan: int, payload: dict) -> int | None:
+    async def submit(self, loan: int, request: Any) -> int | None:
         """Queue the trial's command on the lent group; None when the loan was already taken back."""
         if loan not in self.loans:
             return None
         index = self.loans[loan][0]
-        seq = await self.channels[index].submit.remote(payload)
+        seq = await self.channels[index].submit.remote(request)
         if loan in self.loans:
             self.loans[loan][2] = seq
         return seq
@@ -214,7 +214,7 @@ class SearchGroups:
             self._start(0)
 
     def _start(self, index: int) -> None:
-        from raytrainer.worker_group import WorkerGroup
+        from raytrainer.backend.group import WorkerGroup
 
         group = WorkerGroup(self.spec, idle_timeout_s=None, ray_datasets=self.ray_datasets,
                             run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}-{index}")

@@ -3,9 +3,51 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import os
+from typing import Any, Callable, NamedTuple
 
-from raytrainer.tuning import CHECKPOINT_PATH, OBJECTIVE, BestRun
+from raytrainer.tune.trial_config import CHECKPOINT_PATH, OBJECTIVE, apply_hyperparameters
+
+
+class BestRun(NamedTuple):
+    """The best run of `Trainer.hyperparameter_search`, as in transformers, plus its checkpoint.
+
+    Args:
+        run_id: the Tune trial id of the best run.
+        objective: its objective: the last evaluation's (`scope="last"`) or the best one's (`scope="all"`).
+        hyperparameters: the trial's values from the search space; `trainer.train(trial=hyperparameters)`
+            trains with them.
+        run_summary: the `ray.tune.ExperimentAnalysis` of the whole search.
+        checkpoint: the transformers-layout checkpoint directory saved at the evaluation that gave `objective`
+            (`best_run.load_model(trainer)` loads it into `trainer.model`); None if none was saved.
+    """
+
+    run_id: str
+    objective: float
+    hyperparameters: dict[str, Any]
+    run_summary: Any | None = None
+    checkpoint: str | None = None
+
+    def load_model(self, trainer: Any) -> Any:
+        """Set `trainer.model` to the best trial's model: `model_init(hyperparameters)` with the weights of
+        `checkpoint`. `trainer.evaluate()` then scores it (its eval loss is `objective` by default)."""
+        from ray.train import Checkpoint
+
+        folder = self.checkpoint
+        if folder is not None and "://" in folder:  # persisted to remote storage (storage_path="s3://...")
+            folder = Checkpoint(folder).to_directory()
+        if folder is None or not os.path.isdir(folder):
+            raise ValueError(f"The best run's checkpoint {self.checkpoint!r} does not exist (deleted, or on another "
+                             "machine's disk): set storage_path to shared storage to keep trial checkpoints.")
+        model = trainer.call_model_init(self.hyperparameters)
+        trainer._load_from_checkpoint(folder, model=model)  # transformers' own loader (safetensors, shards, PEFT)
+        trainer.model = trainer.model_wrapped = model
+        return model
+
+    def apply_to(self, trainer: Any) -> None:
+        """Set the best hyperparameters on `trainer.args`, so that `trainer.train(trial=best_run.hyperparameters)`
+        (the trial dict reaches a one-argument `model_init`) trains the best configuration again."""
+        trainer.args = apply_hyperparameters(trainer.args, self.hyperparameters)
 
 
 def trial_score(results: list[dict[str, Any]], mode: str, scope: str) -> dict[str, Any] | None:

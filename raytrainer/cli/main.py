@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from raytrainer.job_config import ConfigError, JobConfig, load_job_config
+from raytrainer.cli.config import ConfigError, JobConfig, load_job_config
 
 FILE_FORMAT = """\
 config file (YAML or JSON), three sections:
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     try:
         config = load_job_config(options.config, options.overrides)
-        from raytrainer.job_setup import build_training_job
+        from raytrainer.cli.build import build_training_job
 
         job = build_training_job(config)
     except ConfigError as error:

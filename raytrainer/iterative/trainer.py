@@ -20,10 +20,11 @@ from transformers.trainer_utils import rotate_checkpoints
 from actors.generator import GeneratorActor
 from actors.rollouts import KeepRule
 from actors.trainer import TrainerActor
-from actors.weights import unpack_weights
-from raytrainer.arguments import TrainingArguments, check_supported_arguments, ray_settings
-from raytrainer.orchestration import ensure_ray
-from raytrainer.sft_step import TRUNCATION_MODES, check_open_ended_schedule, check_step_inputs, encode_examples
+from raytrainer.arguments import TrainingArguments, ray_settings
+from raytrainer.backend.cluster import ensure_ray, resolve_use_gpu
+from raytrainer.backend.weights import unpack_weights
+from raytrainer.iterative.arguments import check_iterative_arguments
+from raytrainer.iterative.sft_step import TRUNCATION_MODES, check_open_ended_schedule, check_step_inputs, encode_examples
 
 ROUND_STATE = "iterative_state.json"
 
@@ -77,7 +78,7 @@ class IterativeSFTTrainer:
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token.")
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer", report_to="none")
-        check_supported_arguments(args)
+        check_iterative_arguments(args)
         check_open_ended_schedule(args)
         if optimizers[0] is None and optimizers[1] is not None:
             raise ValueError("optimizers=(None, scheduler): a scheduler needs the optimizer it steps; pass both.")
@@ -103,9 +104,9 @@ class IterativeSFTTrainer:
         return float(resources.get("CPU", 1))
 
     def _gpus_per_actor(self) -> float:
-        settings = ray_settings(self.args)
-        wanted = settings["use_gpu"] if settings["use_gpu"] is not None else bool(ray.cluster_resources().get("GPU"))
-        return 0.0 if self.args.use_cpu or not wanted else float((settings["resources_per_worker"] or {}).get("GPU", 1))
+        if not resolve_use_gpu(self.args):
+            return 0.0
+        return float((ray_settings(self.args)["resources_per_worker"] or {}).get("GPU", 1))
 
     def _start(self) -> None:
         """Start the trainer actor(s) and the generator once, on first use."""
@@ -294,7 +295,7 @@ class IterativeSFTTrainer:
         Returns:
             One dict per round: reward_mean, kept, loss, weight_version, generate/train/sync seconds, ...
         """
-        from raytrainer.iterative_loop import RolloutLoop  # the loop's bookkeeping lives in its own module
+        from raytrainer.iterative.loop import RolloutLoop  # the loop's bookkeeping lives in its own module
 
         loop = RolloutLoop(self, prompts, reward_fn, num_rounds, prompts_per_round=prompts_per_round,
                            samples_per_prompt=samples_per_prompt, keep_rule=KeepRule(min_reward, best_k),

@@ -1,0 +1,129 @@
+"""What one driver call sends to the workers and gets back: the recipe of the user's Trainer, the command, the
+result. Typed messages; the workers build and run them in `backend.worker`.
+
+A worker does not receive the driver's Trainer object (its accelerator and device placement belong to the driver):
+it constructs the user's own Trainer class again, as every process of a `torchrun` launch does, from the same
+constructor call (`TrainerRecipe`), then sets what the driver's code changed on its Trainer since (`changed`),
+so that overrides, arguments and integrations behave as transformers makes them behave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainerRecipe:
+    """How a worker builds the driver's Trainer.
+
+    Args:
+        trainer_class: the user's Trainer class (a subclass of `raytrainer.Trainer`), by value when it comes from
+            the user's own code.
+        init_args / init_kwargs: the constructor call as the user made it; datasets replaced by their stand-ins
+            (`backend.data_transport`), the model and every other argument as they are now on the driver.
+        changed: attributes the driver rebound on its Trainer after construction (`trainer.model_accepts_loss_kwargs
+            = False`, a new `train_dataset`, the state a previous call left), set after the worker's construction.
+        environment: the driver's environment variables that integrations read (WANDB_*, MLFLOW_*, HF_*, ...).
+        working_dir: the driver's working directory, so relative paths mean the same on the workers.
+        model_prepared: an earlier call prepared the model with the accelerator, as it would have in-process.
+    """
+
+    trainer_class: type
+    init_args: tuple
+    init_kwargs: dict
+    changed: dict
+    environment: dict[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+    model_prepared: bool = False  # an earlier call prepared the model with the accelerator (in-process it would)
+
+
+class WorkerCommand:
+    """One call run on every worker with the Trainer built for it. Subclasses: train, evaluate, predict, and a
+    search trial (`raytrainer.tune.trial_command`)."""
+
+    returns_weights = False  # rank 0 sends the model's weights back (after training)
+    sends_result = True  # rank 0 sends a `CommandResult` (a search trial's results go to Tune instead)
+
+    def recipe(self, recipe: TrainerRecipe) -> TrainerRecipe:
+        """The recipe this command builds its Trainer from (a trial puts its hyperparameters in the arguments)."""
+        return recipe
+
+    def reporter_options(self, channel: Any, seq: int) -> dict:
+        """Keyword arguments of this command's `CheckpointReporter`."""
+        return {}
+
+    def prepare(self, trainer: Any) -> None:
+        """Adjust the freshly built Trainer before `run` (a trial applies its hyperparameters)."""
+
+    def run(self, trainer: Any, restart_point: str | None) -> Any:
+        """The call itself; `restart_point` is the checkpoint to resume from after a worker-group restart."""
+        raise NotImplementedError
+
+
+@dataclass
+class TrainCommand(WorkerCommand):
+    resume_from_checkpoint: str | bool | None = None
+    trial: dict | None = None
+    ignore_keys_for_eval: list[str] | None = None
+
+    returns_weights = True
+
+    def run(self, trainer: Any, restart_point: str | None) -> Any:
+        return trainer.train(resume_from_checkpoint=restart_point or self.resume_from_checkpoint, trial=self.trial,
+                             ignore_keys_for_eval=self.ignore_keys_for_eval)
+
+
+@dataclass
+class EvaluateCommand(WorkerCommand):
+    eval_dataset: Any = None
+    ignore_keys: list[str] | None = None
+    metric_key_prefix: str = "eval"
+
+    def run(self, trainer: Any, restart_point: str | None) -> Any:
+        return trainer.evaluate(eval_dataset=self.eval_dataset, ignore_keys=self.ignore_keys,
+                                metric_key_prefix=self.metric_key_prefix)
+
+
+@dataclass
+class PredictCommand(WorkerCommand):
+    test_dataset: Any = None
+    ignore_keys: list[str] | None = None
+    metric_key_prefix: str = "test"
+
+    def run(self, trainer: Any, restart_point: str | None) -> Any:
+        return trainer.predict(self.test_dataset, ignore_keys=self.ignore_keys,
+                               metric_key_prefix=self.metric_key_prefix)
+
+
+@dataclass
+class CallbackUpdate:
+    """One callback of rank 0's Trainer after the call, in its final order.
+
+    Args:
+        index: its position in the list the driver sent, or None for a callback the call created (transformers
+            restores callbacks from a checkpoint as new instances).
+        attributes: its attributes that could travel back.
+        closure: values of the variables its methods close over (a callback defined in a function that counts
+            into a variable of that function), by (method name, variable name).
+        callback: a new callback itself (None when it could not travel).
+    """
+
+    index: int | None
+    attributes: dict = field(default_factory=dict)
+    closure: dict = field(default_factory=dict)
+    callback: Any = None
+
+
+@dataclass
+class CommandResult:
+    """What rank 0 sends back after a command: everything a call changes on an in-process Trainer."""
+
+    output: Any
+    state: Any
+    control: Any
+    callbacks: list[CallbackUpdate]
+    model_prepared: bool = False  # the accelerator holds the model after the call
+    weights: Any = None  # a `backend.weights.WeightVersion` after training
+    args_changes: dict = field(default_factory=dict)  # TrainingArguments fields the call changed
+    attribute_changes: dict = field(default_factory=dict)  # plain Trainer attributes the call changed

@@ -1,0 +1,260 @@
+"""In each Ray Train worker: take commands from the channel, build the user's Trainer, run transformers' own call.
+
+For every command a worker constructs the user's Trainer class from the driver's constructor call, inside the
+process group Ray Train set up and on this worker's device (as each process of a `torchrun` launch does), sets
+what the driver changed on its Trainer since, puts in the driver's callbacks, and runs transformers' own
+`train()` / `evaluate()` / `predict()`. Rank 0 then sends back what the call changed: weights, state, callbacks,
+the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import types
+from typing import Any, Iterator
+
+import ray
+import ray.cloudpickle as cloudpickle
+import ray.train
+import torch
+from transformers.training_args import TrainingArguments
+
+from raytrainer.backend import data_transport
+from raytrainer.backend.channel import CommandRequest, Idle, PendingCommand
+from raytrainer.backend.commands import CallbackUpdate, CommandResult, TrainerRecipe, WorkerCommand
+from raytrainer.backend.reporting import CheckpointReporter
+from raytrainer.backend.role import mark_worker
+from raytrainer.backend.user_code import make_importable
+from raytrainer.backend.weights import pack_state_dict
+from raytrainer.backend.worker_events import WorkerEvents
+
+IDLE_CLEANUP_AFTER_S = 1.0  # workers collect garbage once they have waited this long for the next command
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def serve_commands(config: dict) -> None:
+    """The Ray Train worker function: take commands from the channel until it says stop."""
+    channel = config["channel"]
+    rank = prepare_worker(config)
+    done = 0
+    while True:
+        try:
+            item = ray.get(channel.next_command.remote(done, IDLE_CLEANUP_AFTER_S))
+            if isinstance(item, Idle):  # a full garbage collection takes a few tenths of a second: only when idle
+                _free_memory(config)
+                item = ray.get(channel.next_command.remote(done))
+        except ray.exceptions.RayActorError:
+            return  # the channel is gone (its driver ended): nothing more will come
+        if item is None:
+            return
+        assert isinstance(item, PendingCommand)
+        run_command(item.seq, item.request, channel, rank, config)
+        done = item.seq
+
+
+def prepare_worker(config: dict) -> int:
+    """Once per worker process: the role, rank-tagged output, the torch thread share and the device."""
+    from raytrainer.backend.worker_logs import tag_worker_output
+
+    mark_worker()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    tag_worker_output(rank)
+    _set_thread_share(context, config.get("driver_threads"))
+    if not config.get("use_gpu"):
+        # transformers puts a process on the CPU (and accelerate makes a multi-process run MULTI_CPU over gloo)
+        # only when told so: a CPU worker group is that.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
+    return rank
+
+
+def run_command(seq: int, request: CommandRequest, channel: Any, rank: int, config: dict) -> None:
+    """Build the Trainer for one command, run it, and (rank 0) hand its result to the channel."""
+    recipe, callbacks, command = ray.get([request.recipe[0], request.callbacks[0], request.command[0]])
+    world_size = ray.train.get_context().get_world_size()
+    with _driver_environment(recipe):
+        trainer, sent = build_trainer(command.recipe(recipe), callbacks, command)
+        reporter = CheckpointReporter(channel, seq, rank, config["persist_checkpoints"],
+                                      **command.reporter_options(channel, seq))
+        command.prepare(trainer)
+        events = WorkerEvents(channel, seq, rank, world_size, reporter)
+        trainer.add_callback(events)
+        before = _observe(trainer)
+        output = command.run(trainer, reporter.latest_checkpoint())
+        result = collect_result(trainer, output, command, before, sent, events, rank)
+    if rank == 0:  # by reference: the channel's process never unpickles (imports) what the result holds
+        ray.get(channel.finish.remote(seq, [ray.put(result) if result is not None else None]))
+
+
+def build_trainer(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand) -> tuple[Any, dict[int, int]]:
+    """The user's Trainer for this worker, and the driver's index of each callback put into it (by id)."""
+    init_args = tuple(data_transport.rebuild(value) for value in recipe.init_args)
+    init_kwargs = {name: data_transport.rebuild(value) for name, value in recipe.init_kwargs.items()}
+    changed = {name: data_transport.rebuild(value) for name, value in recipe.changed.items()}
+    for field in dataclasses.fields(command):
+        setattr(command, field.name, data_transport.rebuild(getattr(command, field.name)))
+    values = [*init_args, *init_kwargs.values(), *changed.values()]
+    make_importable([recipe.trainer_class, *values, *callbacks, command])
+    for value in values:
+        if isinstance(value, TrainingArguments):
+            place_on_this_worker(value)
+    trainer = recipe.trainer_class(*init_args, **init_kwargs)
+    for name, value in changed.items():
+        setattr(trainer, name, value)
+    if recipe.model_prepared:
+        # In-process, an earlier call would have prepared the model with the accelerator, and transformers' evaluation
+        # then reports no model preparation time: the same here (transformers only counts `_models`).
+        trainer.accelerator._models.append(trainer.model)
+    # The driver's callbacks, as they are now (the construction above called on_init_end on fresh copies).
+    trainer.callback_handler.callbacks = list(callbacks)
+    return trainer, {id(callback): index for index, callback in enumerate(callbacks)}
+
+
+def place_on_this_worker(args: TrainingArguments) -> None:
+    """Forget the device the driver resolved for `args` and resolve it here, inside Ray Train's process group
+    (before the Trainer creates its Accelerator, which reads the same accelerate state)."""
+    args.__dict__.pop("_setup_devices", None)
+    args.distributed_state = None
+    _ = args.device
+
+
+def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: dict, sent: dict[int, int],
+                   events: WorkerEvents, rank: int) -> CommandResult | None:
+    """What the call changed, on rank 0 (every rank takes part in gathering sharded weights)."""
+    weights = None
+    if command.returns_weights:  # sharded (FSDP, DeepSpeed) weights are gathered by accelerate, on every rank
+        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else trainer.model.state_dict()
+        weights = pack_state_dict(state_dict) if rank == 0 else None
+    if rank != 0 or not command.sends_result:
+        return None
+    after = _observe(trainer)
+    return CommandResult(
+        output=output, state=trainer.state, control=trainer.control,
+        model_prepared=len(trainer.accelerator._models) > 0,
+        callbacks=[_callback_update(cb, sent) for cb in trainer.callback_handler.callbacks if cb is not events],
+        weights=weights,
+        args_changes={k: v for k, v in after["args"].items() if _differs(before["args"].get(k, _MISSING), v)},
+        attribute_changes={k: v for k, v in after["attributes"].items()
+                           if _differs(before["attributes"].get(k, _MISSING), v)})
+
+
+# ---------------------------------------------------------------------------------------------- results
+_MISSING = object()
+
+
+def _differs(old: Any, new: Any) -> bool:
+    try:
+        return bool(old != new) or type(old) is not type(new)
+    except Exception:  # noqa: BLE001 - values that do not compare (tensors): treat as changed
+        return True
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if depth < 2 and isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _observe(trainer: Any) -> dict:
+    """The plain attributes of the Trainer and the fields of its arguments, to see what a call changes."""
+    attributes = {k: _copy_plain(v) for k, v in vars(trainer).items() if not k.startswith("_raytrainer")
+                  and k not in ("state", "control", "args") and _is_plain(v)}
+    args = {f.name: _copy_plain(getattr(trainer.args, f.name)) for f in dataclasses.fields(trainer.args) if f.init}
+    return {"attributes": attributes, "args": args}
+
+
+def _copy_plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def _travels(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001 - open files, writers, locks, clients
+        return False
+
+
+def _integration_classes() -> tuple[type, ...]:
+    """Reporting integrations (TensorBoard, MLflow, W&B, ...): their state belongs to the worker's process (a
+    writer, a run), so it is not copied back; each call starts them afresh, as a new process does."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return tuple(cls for cls in INTEGRATION_TO_CALLBACK.values() if isinstance(cls, type))
+
+
+def _callback_update(callback: Any, sent: dict[int, int]) -> CallbackUpdate:
+    index = sent.get(id(callback))
+    if index is None:
+        return CallbackUpdate(index=None, callback=callback if _travels(callback) else None)
+    if isinstance(callback, _integration_classes()):
+        return CallbackUpdate(index=index)
+    attributes = {k: v for k, v in vars(callback).items() if _travels(v)}
+    return CallbackUpdate(index=index, attributes=attributes, closure=closure_values(callback))
+
+
+def closure_values(obj: Any) -> dict[tuple[str, str], Any]:
+    """The variables the methods of `obj`'s own class close over, by (method, variable), where they can travel."""
+    values = {}
+    for name, method in vars(type(obj)).items():
+        if isinstance(method, types.FunctionType) and method.__closure__:
+            for variable, cell in zip(method.__code__.co_freevars, method.__closure__):
+                if variable == "__class__":
+                    continue
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if not isinstance(value, (type, types.FunctionType, types.ModuleType)) and _travels(value):
+                    values[(name, variable)] = value
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- process set-up
+@contextlib.contextmanager
+def _driver_environment(recipe: TrainerRecipe) -> Iterator[None]:
+    """The driver's working directory and integration settings for the duration of one command."""
+    if recipe.working_dir and os.path.isdir(recipe.working_dir):
+        os.chdir(recipe.working_dir)
+    previous = {name: os.environ.get(name) for name in recipe.environment}
+    os.environ.update(recipe.environment)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _set_thread_share(context: Any, driver_threads: str | None) -> None:
+    """Torch threads: the driver's OMP_NUM_THREADS when the user set one, else this worker's share of the node's
+    cores (Ray leaves workers at 1 thread)."""
+    if driver_threads and driver_threads.isdigit() and int(driver_threads) > 0:
+        torch.set_num_threads(int(driver_threads))
+        return
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, context.get_local_world_size())))
+
+
+def _free_memory(config: dict) -> None:
+    """Free what the last command left in reference cycles (models, optimizers, CUDA blocks)."""
+    gc.collect()
+    if config.get("use_gpu"):
+        torch.cuda.empty_cache()
