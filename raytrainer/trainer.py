@@ -122,9 +122,9 @@ class Trainer(TransformersTrainer):
             enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
             self.model = self.model_wrapped = self.call_model_init(trial)
             self.optimizer, self.lr_scheduler = None, None
-        from raytrainer.backend.weights import unpack_weights
+        from raytrainer.backend.weights import state_dict_of
 
-        unpack_weights(result.weights, self.model)
+        self.model.load_state_dict(state_dict_of(result.weights))  # the model's own loader: it may resize buffers
         return result.output
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,

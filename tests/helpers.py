@@ -89,3 +89,11 @@ class KillWorkerOnce(TrainerCallback):
             with open(self.marker, "w") as file:
                 file.write(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def training_settings(tmp_path, name: str, **overrides) -> dict:
+    """TrainingArguments keywords of a small, quiet run in `tmp_path/name`: no saving, no reporting, no bars."""
+    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,
+                  learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
+    values.update(overrides)
+    return values

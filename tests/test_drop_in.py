@@ -10,17 +10,13 @@ import torch
 import transformers
 from torch import nn
 
-from helpers import RegressionModel, regression_dataset
+from helpers import RegressionModel, regression_dataset, training_settings
 from parity import assert_logs_close, assert_weights_close, run_raytrainer, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,
-                  learning_rate=0.1, logging_steps=1, max_steps=12, report_to=[], save_strategy="no",
-                  disable_tqdm=True)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"max_steps": 12, **overrides})
 
 
 def losses(trainer) -> list[float]:
@@ -254,3 +250,31 @@ def test_a_transformers_trainer_and_a_raytrainer_live_in_one_process(tmp_path):
     second.train()
     assert second.evaluate()["eval_loss"] == pytest.approx(first_eval["eval_loss"], rel=1e-6)
     assert_weights_close(first.model, ours.model, tol=1e-5)
+
+
+class WarnsAtTheEnd(transformers.TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        transformers.logging.get_logger("transformers.raytrainer_test").warning(
+            f"trained {state.global_step} steps on rank {args.process_index}")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_transformers_logs_of_rank_zero_reach_the_drivers_loggers(tmp_path):
+    import logging
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append((record.name, record.levelno, record.getMessage()))
+
+    handler = Collect()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        Trainer(model=RegressionModel(), args=TrainingArguments(**settings(tmp_path, "rt", num_workers=2,
+                                                                          per_device_train_batch_size=4)),
+                train_dataset=regression_dataset(32), callbacks=[WarnsAtTheEnd()]).train()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert ("transformers.raytrainer_test", logging.WARNING, "trained 12 steps on rank 0") in records
+    assert not any("on rank 1" in message for *_, message in records)  # other ranks log where they run

@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, EarlyStoppingCallback, EvalPrediction, TrainerCallback
 
-from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2
+from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2, training_settings
 from parity import assert_logs_close, assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,
-                  learning_rate=0.1, logging_steps=1, num_train_epochs=3, report_to=[], save_strategy="no",
-                  disable_tqdm=True)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"num_train_epochs": 3, **overrides})
 
 
 def mae(prediction: EvalPrediction) -> dict:

@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import EvalPrediction, TrainerCallback
 
-from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2
+from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2, training_settings
 from parity import assert_logs_close, assert_weights_close, run_raytrainer, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,
-                  learning_rate=0.1, logging_steps=1, max_steps=6, report_to=[], save_strategy="no",
-                  disable_tqdm=True)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"max_steps": 6, **overrides})
 
 
 class OutOfMemoryAbove(TrainerCallback):

@@ -48,6 +48,15 @@ class LogEvent:
 
 
 @dataclass
+class LogRecordEvent:
+    """transformers logged `message` on rank 0 with logger `name` at `level` (the driver logs it the same way)."""
+
+    name: str
+    level: int
+    message: str
+
+
+@dataclass
 class ProgressEvent:
     """Rank 0 finished optimizer step `step` of `max_steps`."""
 

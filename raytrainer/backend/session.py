@@ -8,6 +8,7 @@ hyperparameter search borrows the warm group (`lend`) and hands one back (`take`
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import queue
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 import ray
 
 from raytrainer.arguments import ray_settings
-from raytrainer.backend.channel import CommandRequest, LogEvent, ProgressEvent
+from raytrainer.backend.channel import CommandRequest, LogEvent, LogRecordEvent, ProgressEvent
 from raytrainer.backend.cluster import WorkerGroupSpec, ensure_ray
 from raytrainer.backend.commands import CommandResult, TrainerRecipe, WorkerCommand
 from raytrainer.backend.data_transport import DatasetSender
@@ -199,5 +200,18 @@ def show_progress(progress: Any):
             progress.on_progress(event.step, event.max_steps)
         elif isinstance(event, LogEvent):
             progress.on_log(event.entry)
+        elif isinstance(event, LogRecordEvent):
+            log_on_driver(event)
 
     return on_event
+
+
+def log_on_driver(event: LogRecordEvent) -> None:
+    """The driver's side: the same logger, the same level (its `warning`, `info`, ... method is what is called)."""
+    logger = logging.getLogger(event.name)
+    method = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
+              logging.CRITICAL: "critical"}.get(event.level)
+    if method is None:
+        logger.log(event.level, event.message)
+    else:
+        getattr(logger, method)(event.message)

@@ -3,8 +3,8 @@
 `pack_state_dict` views every distinct tensor of a state dict (tied weights once) as a uint8 numpy array, without
 copying on CPU: returned from a worker or actor, the payload goes through the object store as ONE object, and a
 reader on the same node maps it without a copy. `unpack_weights` copies the bytes into a model's tensors in place
-(its device, its ties and its optimizer's references stay). The trainer's results and the iterative SFT weight
-sync both use it.
+(its device, its ties and its optimizer's references stay); `state_dict_of` gives them to a model's own
+`load_state_dict`. The trainer's results and the iterative SFT weight sync both use them.
 """
 
 from __future__ import annotations
@@ -101,6 +101,17 @@ def load_slots(model: torch.nn.Module, slots: list[TensorSlot], byte_tensors) ->
         for slot, data in zip(slots, byte_tensors):
             target = targets[slot.name]
             target.copy_(data.view(slot.dtype).view(slot.shape).to(target.device), non_blocking=True)
+
+
+def state_dict_of(payload: WeightVersion) -> dict[str, torch.Tensor]:
+    """The payload as a state dict (tied names included), for a model's own `load_state_dict` (which may resize
+    buffers that grew, or map names, where an in-place copy could not). The tensors may be read-only mappings."""
+    with warnings.catch_warnings():  # torch warns about read-only buffers; load_state_dict only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        state = {slot.name: torch.from_numpy(array).view(slot.dtype).view(slot.shape)
+                 for slot, array in zip(payload.layout.slots, payload.arrays)}
+    state.update({alias: state[name] for alias, name in payload.layout.aliases.items()})
+    return state
 
 
 def unpack_weights(payload: WeightVersion, model: torch.nn.Module) -> None:

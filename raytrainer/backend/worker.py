@@ -29,7 +29,7 @@ from raytrainer.backend.reporting import CheckpointReporter
 from raytrainer.backend.role import mark_worker
 from raytrainer.backend.user_code import make_importable
 from raytrainer.backend.weights import pack_state_dict
-from raytrainer.backend.worker_events import WorkerEvents
+from raytrainer.backend.worker_events import WorkerEvents, transformers_logs_to_driver
 
 IDLE_CLEANUP_AFTER_S = 1.0  # workers collect garbage once they have waited this long for the next command
 _PLAIN = (type(None), bool, int, float, str)
@@ -78,7 +78,7 @@ def run_command(seq: int, request: CommandRequest, channel: Any, rank: int, conf
     """Build the Trainer for one command, run it, and (rank 0) hand its result to the channel."""
     recipe, callbacks, command = ray.get([request.recipe[0], request.callbacks[0], request.command[0]])
     world_size = ray.train.get_context().get_world_size()
-    with _driver_environment(recipe):
+    with _driver_environment(recipe), transformers_logs_to_driver(channel, rank):
         trainer, sent = build_trainer(command.recipe(recipe), callbacks, command)
         reporter = CheckpointReporter(channel, seq, rank, config["persist_checkpoints"],
                                       **command.reporter_options(channel, seq))

@@ -6,9 +6,11 @@ and a call the driver gave up on (Ctrl-C, a search trial Tune stopped) ends at t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from raytrainer.backend.channel import LogEvent, ProgressEvent
+from raytrainer.backend.channel import LogEvent, LogRecordEvent, ProgressEvent
 from raytrainer.backend.reporting import CheckpointReporter
 
 PROGRESS_INTERVAL_S = 0.2
@@ -86,3 +88,40 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class _ToDriver(logging.Handler):
+    """Sends transformers' log records to the driver, which logs them with the same logger."""
+
+    def __init__(self, channel: Any):
+        super().__init__()
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.channel.push.remote(LogRecordEvent(record.name, record.levelno, record.getMessage()))
+        except Exception:  # noqa: BLE001 - never let logging break training
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def transformers_logs_to_driver(channel: Any, rank: int) -> Iterator[None]:
+    """For one command, rank 0's transformers log records go to the driver (where an in-process Trainer would log
+    them, so the user's logging set-up and log captures see them) instead of this worker's stderr."""
+    if rank != 0:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    library_logger = transformers_logging.get_logger("transformers")
+    own = list(library_logger.handlers)
+    handler = _ToDriver(channel)
+    for existing in own:
+        library_logger.removeHandler(existing)
+    library_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        library_logger.removeHandler(handler)
+        for existing in own:
+            library_logger.addHandler(existing)

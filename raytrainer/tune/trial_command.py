@@ -22,6 +22,10 @@ from raytrainer.backend.commands import TrainerRecipe, WorkerCommand
 from raytrainer.tune.trial_config import CHECKPOINT_PATH, OBJECTIVE, apply_hyperparameters
 
 
+# What the driver's earlier calls left on its Trainer: a trial is a run of its own and starts without them.
+RESULTS_OF_EARLIER_CALLS = frozenset({"state", "control", "model_preparation_time"})
+
+
 @dataclasses.dataclass
 class SearchSettings:
     """What every trial of one search shares on the workers; put in the object store once."""
@@ -62,7 +66,9 @@ class TrialCommand(WorkerCommand):
 
         return dataclasses.replace(recipe, init_args=tuple(with_trial(v) for v in recipe.init_args),
                                    init_kwargs={k: with_trial(v) for k, v in recipe.init_kwargs.items()},
-                                   changed={k: with_trial(v) for k, v in recipe.changed.items()})
+                                   changed={k: with_trial(v) for k, v in recipe.changed.items()
+                                            if k not in RESULTS_OF_EARLIER_CALLS},
+                                   model_prepared=False)
 
     def reporter_options(self, channel: Any, seq: int) -> dict:
         compute_objective = self._settings().compute_objective
