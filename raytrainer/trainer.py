@@ -24,7 +24,6 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers.trainer import Trainer as TransformersTrainer
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PredictionOutput, TrainOutput, enable_full_determinism, set_seed
 from transformers.training_args import TrainingArguments as TransformersTrainingArguments
 
@@ -32,6 +31,7 @@ from raytrainer import checks
 from raytrainer.backend.commands import (CallbackUpdate, CommandResult, EvaluateCommand, PredictCommand, TrainCommand,
                                          TrainerRecipe, WorkerCommand)
 from raytrainer.backend.role import in_worker
+from raytrainer.backend.session import WorkerSession, is_display_callback, worker_callbacks
 
 # Attributes of a Trainer that belong to the process holding it, never sent: each worker has its own.
 _PROCESS_BOUND = frozenset({"accelerator", "gather_function", "callback_handler", "_memory_tracker"})
@@ -102,8 +102,6 @@ class Trainer(TransformersTrainer):
             with _driver_construction(args) as construction_args:
                 super().__init__(model, construction_args, **components)
             self.args = args
-            from raytrainer.backend.session import WorkerSession
-
             self.__dict__["_raytrainer_workers"] = WorkerSession()
 
     # ----------------------------------------------------------------------------------- calls on the workers
@@ -345,18 +343,6 @@ def _driver_construction(args: TransformersTrainingArguments) -> Iterator[Transf
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
-def is_display_callback(callback: Any) -> bool:
-    """Progress bars and printers: they show the run on the driver, fed by the workers' events."""
-    return isinstance(callback, (ProgressCallback, PrinterCallback)) or \
-        type(callback).__name__ == "NotebookProgressCallback"
-
-
-def worker_callbacks(callbacks: list) -> list:
-    """The callbacks that run on the workers: all but the display ones, and transformers' JIT checkpoint callback
-    (a SIGTERM handler bound to this process's Trainer)."""
-    return [cb for cb in callbacks if not is_display_callback(cb) and type(cb).__name__ != "JITCheckpointCallback"]
-
-
 def apply_callback_updates(sent: list, updates: list[CallbackUpdate]) -> list:
     """The driver's callbacks made what rank 0's became, in rank 0's final order."""
     result = []

@@ -1,4 +1,5 @@
-"""The driver side of one Trainer's workers: its warm group, its datasets in the object store, one call at a time.
+"""The driver side of one Trainer's workers: its warm group, its datasets in the object store, one call at a time,
+and which of its callbacks go to the workers.
 
 `WorkerSession.call` sends a command with the recipe of the Trainer to the warm group (started when there is none,
 or when the arguments need another one), shows the workers' progress, and returns rank 0's `CommandResult`. A
@@ -16,6 +17,7 @@ import weakref
 from typing import Any
 
 import ray
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from raytrainer.arguments import ray_settings
 from raytrainer.backend.channel import CommandRequest, LogEvent, LogRecordEvent, ProgressEvent
@@ -139,6 +141,18 @@ class WorkerSession:
         self.close()
         group.set_idle_timeout(idle_timeout)
         self._adopt(group, self._key(args, group.spec))
+
+
+def is_display_callback(callback: Any) -> bool:
+    """Progress bars and printers: they show the run on the driver, fed by the workers' events."""
+    return isinstance(callback, (ProgressCallback, PrinterCallback)) or \
+        type(callback).__name__ == "NotebookProgressCallback"
+
+
+def worker_callbacks(callbacks: list) -> list:
+    """The callbacks that run on the workers: all but the display ones, and transformers' JIT checkpoint callback
+    (a SIGTERM handler bound to this process's Trainer)."""
+    return [cb for cb in callbacks if not is_display_callback(cb) and type(cb).__name__ != "JITCheckpointCallback"]
 
 
 def _close_later(group: WorkerGroup) -> None:

@@ -221,7 +221,7 @@ def check_callbacks_picklable(trainer: Any) -> None:
     import ray.cloudpickle as cloudpickle
 
     broken = []
-    from raytrainer.trainer import worker_callbacks
+    from raytrainer.backend.session import worker_callbacks
 
     for callback in worker_callbacks(trainer.callback_handler.callbacks):
         try:

@@ -151,7 +151,7 @@ def share_trainer(trainer: Any, settings: Any) -> tuple[list, dict]:
 
     from raytrainer import checks
     from raytrainer.backend.user_code import send_by_value
-    from raytrainer.trainer import worker_callbacks
+    from raytrainer.backend.session import worker_callbacks
 
     checks.check_dataset(trainer, trainer.train_dataset, "training", needs_labels=True)
     ray_datasets: dict = {}
