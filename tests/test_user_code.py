@@ -1,6 +1,7 @@
-"""Classes of the user's own script (`__main__`) train on 2 workers with checkpoints, with no path set-up, and the
-checkpoint's `training_args.bin` loads back in that script."""
+"""Classes of the user's own script (`__main__`) or test module train on 2 workers with checkpoints, with no path
+set-up, and the checkpoint's `training_args.bin` loads back where those classes live."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
+from transformers import TrainerCallback
+
+from helpers import RegressionModel, TorchRegressionDataset
+from raytrainer import Trainer, TrainingArguments
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -103,3 +109,29 @@ def test_a_scripts_own_classes_train_on_two_workers_with_checkpoints(tmp_path, r
     assert result["losses"] == pytest.approx(result["their_losses"], rel=1e-5)
     assert result["ours"] == pytest.approx(result["theirs"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "out" / "ours")) == ["checkpoint-4", "checkpoint-8"]
+
+
+@dataclasses.dataclass
+class ModuleArguments(TrainingArguments):
+    """A TrainingArguments subclass of this test module (not importable on the workers)."""
+
+    note: str = "from the test module"
+
+
+class CountingCallback(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_a_test_modules_own_classes_train_with_checkpoints(tmp_path):
+    counting = CountingCallback()
+    args = ModuleArguments(str(tmp_path / "out"), num_workers=2, per_device_train_batch_size=4, max_steps=6,
+                           save_steps=3, report_to=[], disable_tqdm=True, note="saved on a worker")
+    Trainer(model=RegressionModel(), args=args, train_dataset=TorchRegressionDataset(32),
+            callbacks=[counting]).train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-6" / "training_args.bin", weights_only=False)
+    assert type(saved) is ModuleArguments and saved.note == "saved on a worker"
+    assert counting.steps == 6
