@@ -1,6 +1,7 @@
-"""What IterativeSFTTrainer does with TrainingArguments: its trainer actor runs TRL's step API in plain torch, not
-transformers' training loop, so it implements the fields below and refuses every other one set away from its
-default (nothing is silently ignored). `raytrainer.Trainer` implements all of them (transformers' own loop)."""
+"""Which TrainingArguments IterativeSFTTrainer takes: its trainer actor runs TRL's step API in plain torch, not
+transformers' training loop, so it accepts the fields below (the set the previous raytrainer loop implemented,
+kept unchanged here) and refuses every other one set away from its default, so that nothing is silently ignored.
+`raytrainer.Trainer` takes all of them (it runs transformers' own loop)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from transformers.training_args import TrainingArguments
 
-# The fields whose meaning the iterative trainer implements.
+# The fields the iterative trainer accepts.
 HONOURED_FIELDS = frozenset(
     """
     output_dir per_device_train_batch_size per_device_eval_batch_size num_train_epochs max_steps
