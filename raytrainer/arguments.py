@@ -3,9 +3,10 @@ resources, failures, storage)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from transformers import training_args
 
@@ -44,8 +45,38 @@ class TrainingArguments(training_args.TrainingArguments):
     worker_idle_timeout: float = field(default=300.0, metadata={"help": "Seconds idle workers stay warm (0: none)."})
 
     def __post_init__(self):
-        super().__post_init__()
+        with _device_checks_left_to_gpu_workers(self):
+            try:
+                super().__post_init__()
+            except ValueError as error:
+                if "support bf16/gpu" in str(error) and self.use_gpu is None:
+                    raise ValueError(f"{error} (raytrainer: this driver has no GPU; to train bf16 on the Ray "
+                                     "cluster's GPUs, set use_gpu=True: each GPU worker then checks bf16 itself.)") from error
+                raise
         check_ray_fields(self)
+
+
+# transformers checks bf16 and TF32 support against the device of the process that builds the arguments. With
+# use_gpu=True that device is not the driver's: a CPU head node (cluster.yaml's) drives GPU workers. The check is
+# then left to each worker (backend/worker.py apply_process_settings checks and applies TF32 there).
+_DEVICE_CHECKS = ("is_torch_bf16_gpu_available", "is_torch_tf32_available")
+
+
+@contextlib.contextmanager
+def _device_checks_left_to_gpu_workers(args: Any) -> Iterator[None]:
+    import torch
+
+    if args.use_gpu is not True or torch.cuda.is_available():
+        yield
+        return
+    saved = {name: getattr(training_args, name) for name in _DEVICE_CHECKS}
+    for name in _DEVICE_CHECKS:
+        setattr(training_args, name, lambda: True)
+    try:
+        yield
+    finally:
+        for name, check in saved.items():
+            setattr(training_args, name, check)
 
 
 def check_ray_fields(args: Any) -> None:

@@ -96,7 +96,7 @@ class LocalRayHead:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_local_ray_head(num_cpus: int = 4, timeout: float = 180, attempts: int = 3) -> LocalRayHead:
+def start_local_ray_head(num_cpus: int = 4, timeout: float = 180, attempts: int = 3, num_gpus: int = 0) -> LocalRayHead:
     """Start a token-authenticated Ray head with a private temp dir and free ports; wait until jobs can run.
 
     On a busy machine another program can take one of the chosen ports before Ray binds it (Ray then
@@ -104,14 +104,14 @@ def start_local_ray_head(num_cpus: int = 4, timeout: float = 180, attempts: int 
     """
     for attempt in range(1, attempts + 1):
         try:
-            return _start_local_ray_head(num_cpus, timeout)
+            return _start_local_ray_head(num_cpus, timeout, num_gpus)
         except RuntimeError as error:
             if attempt == attempts:
                 raise
             print(f"Ray head start {attempt} failed, retrying with fresh ports: {error}", file=sys.stderr)
 
 
-def _start_local_ray_head(num_cpus: int, timeout: float) -> LocalRayHead:
+def _start_local_ray_head(num_cpus: int, timeout: float, num_gpus: int = 0) -> LocalRayHead:
     # A short path: Ray's unix sockets live under it and must stay below ~107 characters.
     root = Path(tempfile.mkdtemp(prefix="rtjob-", dir="/tmp"))
     # `ray get-auth-token --generate` writes ~/.ray/auth_token; a private HOME keeps the token to this head.
@@ -128,7 +128,7 @@ def _start_local_ray_head(num_cpus: int, timeout: float) -> LocalRayHead:
     env.pop("RAY_AUTH_TOKEN", None)
     head_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     command = [RAY, "start", "--head", "--block", "--temp-dir", str(root / "ray"), "--num-cpus", str(num_cpus),
-               "--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--num-gpus", str(num_gpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     for option, port in ports.items():
         command += [option, str(port)]
@@ -192,3 +192,15 @@ def wait_for_job(client, job_id: str, statuses: set, timeout: float = 300) -> st
             return status
         time.sleep(1)
     raise TimeoutError(f"job {job_id} still {status} after {timeout}s; logs:\n{client.get_job_logs(job_id)[-4000:]}")
+
+
+EXAMPLE_JOB = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
+
+
+def example_job_folder(parent: Path, train_examples: int = 96) -> Path:
+    """A copy of examples/job_submit with its data and tokenizer prepared, as a user would submit it."""
+    folder = parent / "job_submit"
+    shutil.copytree(EXAMPLE_JOB, folder, ignore=shutil.ignore_patterns("data", "tokenizer", "__pycache__"))
+    subprocess.run([sys.executable, str(folder / "prepare_data.py"), "--out", str(folder), "--train-examples",
+                    str(train_examples)], check=True, capture_output=True)
+    return folder

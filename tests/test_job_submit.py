@@ -19,9 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _cluster_fixtures import LocalRayHead, start_local_ray_head, wait_for_job
+from _cluster_fixtures import LocalRayHead, example_job_folder, start_local_ray_head, wait_for_job
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
 
 DRIVER = """
 import json, ray
@@ -47,11 +46,7 @@ def head():
 @pytest.fixture(scope="module")
 def working_dir(tmp_path_factory):
     """The example folder with its data and tokenizer, as a user would submit it."""
-    folder = tmp_path_factory.mktemp("job") / "job_submit"
-    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("data", "tokenizer", "__pycache__"))
-    subprocess.run([sys.executable, str(folder / "prepare_data.py"), "--out", str(folder), "--train-examples", "96"],
-                   check=True, capture_output=True)
-    return folder
+    return example_job_folder(tmp_path_factory.mktemp("job"))
 
 
 def client(head: LocalRayHead):

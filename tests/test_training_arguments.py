@@ -1,13 +1,11 @@
 """Every TrainingArguments field means what it means in transformers: the workers run transformers' own code for it.
-Fields that only work on GPUs (FSDP, DeepSpeed) run where CUDA is present."""
+Fields that only work on GPUs (FSDP, DeepSpeed) are tested in test_gpu.py."""
 
 import copy
 import glob
-import os
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from transformers import EvalPrediction, TrainerCallback
 
@@ -127,30 +125,4 @@ def test_a_field_that_cannot_work_on_ray_is_refused_with_the_reason(tmp_path):
         trainer.train()
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP and DeepSpeed run on GPU workers; "
-                                   "this machine has no CUDA device")
-
-
-@requires_cuda
-def test_fsdp_trains_through_transformers_own_path(tmp_path):
-    data = lm_dataset(32)
-    model = tiny_gpt2()
-    ours, _ = run_raytrainer(copy.deepcopy(model), TrainingArguments(**settings(
-        tmp_path, "fsdp", fsdp=True, fsdp_config={"fsdp_version": 2}, per_device_train_batch_size=4,
-        learning_rate=1e-3, use_gpu=True, save_strategy="steps", save_steps=3)), train_dataset=data)
-    assert os.path.isdir(tmp_path / "fsdp" / "checkpoint-6")
-    losses = [e["loss"] for e in ours.state.log_history if "loss" in e]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-
-
-@requires_cuda
-def test_deepspeed_trains_through_transformers_own_path(tmp_path):
-    pytest.importorskip("deepspeed")
-    data = lm_dataset(32)
-    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}
-    ours, _ = run_raytrainer(tiny_gpt2(), TrainingArguments(**settings(
-        tmp_path, "ds", deepspeed=config, per_device_train_batch_size=4, learning_rate=1e-3, use_gpu=True)),
-        train_dataset=data)
-    losses = [e["loss"] for e in ours.state.log_history if "loss" in e]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+# FSDP and DeepSpeed need GPU workers: tests/test_gpu.py.

@@ -122,6 +122,36 @@ def place_on_this_worker(args: TrainingArguments) -> None:
     args.__dict__.pop("_setup_devices", None)
     args.distributed_state = None
     _ = args.device
+    apply_process_settings(args)
+
+
+def apply_process_settings(args: TrainingArguments) -> None:
+    """What transformers' `TrainingArguments.__post_init__` does to the process that builds the arguments rather
+    than to the arguments: check bf16 support and switch TF32 on or off. The arguments reach a worker unpickled,
+    without `__post_init__`, so the same decisions are made here, on the worker's own device."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_tf32_available
+    from transformers.utils.import_utils import enable_tf32
+
+    on_gpu = args.device.type == "cuda"
+    if on_gpu and (args.bf16 or args.bf16_full_eval) and not is_torch_bf16_gpu_available():
+        raise ValueError(f"bf16=True, but this worker's GPU ({torch.cuda.get_device_name()}) does not support bf16 "
+                         "(transformers needs an Ampere or newer GPU with CUDA >= 11). Use fp16=True instead.")
+    if not on_gpu or not is_torch_tf32_available():
+        if on_gpu and args.tf32:
+            raise ValueError(f"tf32=True, but this worker's GPU ({torch.cuda.get_device_name()}) has no TF32 "
+                             "(Ampere or newer, CUDA >= 11). Leave tf32 unset.")
+        return
+    # A warm worker serves many calls: what an earlier call's arguments switched on must not stay for this one.
+    _process_defaults.setdefault("fp32_precision", getattr(torch.backends, "fp32_precision", None))
+    if _process_defaults["fp32_precision"] is not None:
+        torch.backends.fp32_precision = _process_defaults["fp32_precision"]
+    if args.torch_compile and (args.tf32 is None and not args.fp16 or args.bf16):
+        enable_tf32(True)  # transformers' default for torch.compile
+    if args.tf32 is not None:
+        enable_tf32(bool(args.tf32))
+
+
+_process_defaults: dict[str, Any] = {}  # this worker process's settings before any call changed them
 
 
 def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: dict, sent: dict[int, int],
