@@ -13,6 +13,18 @@ Time to target = seconds from the search's start to the first evaluation within 
 side reached in that repeat. Prints a markdown table of medians over repeats and the ratios ours/theirs.
 
     python bench/hpo.py [--repeats 3] [--trials 8]    (--trials 16: 16 log-spaced rates over the same range)
+
+`--scheduler pbt`: a task where the best learning rate changes during training: the same regression fitted by plain
+SGD with a constant learning rate (no decay), batches of 4 with label noise 1.0, scored on noise-free labels, 64 steps
+with an evaluation every 8: a high rate gets near the fit fast but then jitters around it with the noise, a low one
+is precise but slow (Adam would not do: its second moment, filled by the large early gradients, anneals it). Both sides are raytrainer searches on one warm Trainer with the
+same budget (the same 6 starting rates, 64 steps each at most):
+  (a) fixed configs: ASHA over the grid (each trial keeps its rate);
+  (b) PBT (synchronous, every 2 evaluations the bottom quarter clones the top quarter's checkpoint and moves its rate
+      one grid step, or resamples it), which can lower the rate as training goes on.
+Time to target = seconds to the first evaluation within 1% of the best objective the fixed configs reached.
+
+    python bench/hpo.py --scheduler pbt [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import datasets
 import numpy as np
@@ -52,10 +65,10 @@ class RegressionModel(nn.Module):
         return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
 
 
-def regression_data(n: int, seed: int) -> datasets.Dataset:
+def regression_data(n: int, seed: int, noise: float = 0.1) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=n).astype(np.float32)
-    return datasets.Dataset.from_dict({"input_x": x, "labels": (2 * x + 3 + 0.1 * rng.normal(size=n)).astype(np.float32)})
+    return datasets.Dataset.from_dict({"input_x": x, "labels": (2 * x + 3 + noise * rng.normal(size=n)).astype(np.float32)})
 
 
 def common_args(output_dir: str) -> dict:
@@ -144,28 +157,108 @@ def time_to_target(records: list, target: float) -> float:
     return next((seconds for seconds, objective in records if objective <= target), float("inf"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=len(LEARNING_RATES),
-                        help="grid size: up to 8 of the rates above, more are log-spaced over their range")
-    options = parser.parse_args()
+PBT_RATES = [0.003, 0.01, 0.03, 0.1, 0.3, 0.6]
+PBT_STEPS, PBT_EVAL_STEPS = 64, 8
 
+
+def run_fixed_and_pbt(trainer: Any) -> tuple[dict, dict]:
+    """One repeat of `--scheduler pbt`: an ASHA search over fixed rates, then PBT, on the same warm Trainer."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    iterations = PBT_STEPS // PBT_EVAL_STEPS
+    schedulers = {
+        "fixed configs (ASHA)": ASHAScheduler(max_t=iterations, grace_period=2, reduction_factor=2),
+        "PBT": PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2, synch=True,
+                                       hyperparam_mutations={"learning_rate": PBT_RATES}),
+    }
+    sides = []
+    for name, scheduler in schedulers.items():
+        start, records = [0.0], []
+
+        class ResultClock(tune.Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                records.append((time.perf_counter() - start[0], result["objective"]))
+
+        start[0] = time.perf_counter()
+        best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(PBT_RATES)},
+                                             n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
+        wall = time.perf_counter() - start[0]
+        steps = sum(result.get("step", 0) for trial in best.run_summary.trials
+                    for result in [trial.last_result])
+        sides.append({"side": name, "wall": wall, "best": best.objective, "records": records,
+                      "schedule": best.hyperparameter_schedule, "exploits": getattr(scheduler, "_num_perturbations", 0),
+                      "steps": steps})
+    return sides[0], sides[1]
+
+
+def main_pbt(repeats: int, ray_start: float) -> None:
+    from raytrainer import Trainer, TrainingArguments
+
+    rows = []
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = dict(common_args(output_dir), max_steps=PBT_STEPS, eval_steps=PBT_EVAL_STEPS, optim="sgd",
+                    lr_scheduler_type="constant", per_device_train_batch_size=4)
+        trainer = Trainer(model_init=RegressionModel, args=TrainingArguments(num_workers=1, **args),
+                          train_dataset=regression_data(128, 0, noise=1.0), eval_dataset=regression_data(32, 1, noise=0.0))
+        trainer.evaluate()  # both sides run on the same warm workers
+        for repeat in range(repeats):
+            fixed, pbt = run_fixed_and_pbt(trainer)
+            target = fixed["best"] * 1.01
+            for side in (fixed, pbt):
+                side["to_target"] = time_to_target(side["records"], target)
+            rows.append((fixed, pbt))
+            schedule = ", ".join(f"step {step}: lr {config['learning_rate']:.3g}" for step, config in pbt["schedule"])
+            print(f"repeat {repeat}: target {target:.5g} | " + " | ".join(
+                f"{side['side']}: wall {side['wall']:.1f}s best {side['best']:.5g} to-target {side['to_target']:.1f}s "
+                f"trial steps {side['steps']}" for side in (fixed, pbt))
+                  + f" | PBT exploits {pbt['exploits']}, best schedule: {schedule}", flush=True)
+        trainer.close()
+
+    def median(side: int, key: str) -> float:
+        return statistics.median(row[side][key] for row in rows)
+
+    print(f"\n{len(PBT_RATES)} trials x {PBT_STEPS} steps (SGD, constant learning rate, eval every {PBT_EVAL_STEPS}), "
+          f"medians over {repeats} repeats; Ray start-up before the repeats: {ray_start:.1f}s\n")
+    print("| metric | fixed configs (ASHA) | PBT | ratio PBT/fixed |")
+    print("|---|---|---|---|")
+    for label, key, unit in (("best objective (eval loss)", "best", ""),
+                             ("time to target (1% of the fixed configs' best)", "to_target", "s"),
+                             ("wall time", "wall", "s"), ("training steps of all trials", "steps", "")):
+        fixed, pbt = median(0, key), median(1, key)
+        print(f"| {label} | {fixed:.4g}{unit} | {pbt:.4g}{unit} | {pbt / fixed:.2f} |")
+
+
+def start_ray() -> float:
+    """Our own local Ray sized to this machine (never a cluster another process started on it); its start-up time.
+    Ray Train's placement-group cleaner frees the workers of trials Tune stops; it must ask this Ray's own dashboard."""
     import os
+    import socket
 
     import ray
 
-    import socket
-
-    # Our own local Ray sized to this machine (never a cluster another process started on it). Ray Train's
-    # placement-group cleaner frees the workers of trials Tune stops; it must ask this Ray's own dashboard.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
-    ray_start = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=len(LEARNING_RATES),
+                        help="grid size: up to 8 of the rates above, more are log-spaced over their range")
+    parser.add_argument("--scheduler", choices=("asha", "pbt"), default="asha",
+                        help="asha: transformers' search vs ours; pbt: fixed configs (ASHA) vs PBT, both ours")
+    options = parser.parse_args()
+
+    ray_start = start_ray()
+    if options.scheduler == "pbt":
+        main_pbt(options.repeats, ray_start)
+        return
     rows = []
     for repeat in range(options.repeats):
         theirs = run_transformers(learning_rates(options.trials))

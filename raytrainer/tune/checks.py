@@ -16,6 +16,21 @@ SCOPES = ("last", "all")
 # Ray fields that fix the shape of every trial; searching over them would change the resources per trial.
 UNSEARCHABLE_FIELDS = frozenset({"num_workers", "use_gpu", "resources_per_worker", "placement_strategy",
                                  "max_failures", "storage_path", "ray_address", "output_dir"})
+# TrainingArguments fields a PBT exploit cannot change: the trial goes on from the donor's checkpoint at its step.
+_BATCHES = ("a checkpoint's step counts batches of the size it was trained with: resuming with another size would "
+            "skip the wrong examples and change the number of steps per epoch and the schedule's length")
+_LENGTH = ("the length of training sets the learning-rate schedule's length and where every trial ends: a trial "
+           "cloned at step N with another length would jump to another point of its schedule, and PBT compares "
+           "trials at the same iteration")
+_AT_START = ("it acts only when a run starts (the model's initialization, the data order); an exploited trial "
+             "goes on from the donor's weights and random state, so a new value would have no effect")
+FIXED_DURING_A_RUN = {
+    "per_device_train_batch_size": _BATCHES, "gradient_accumulation_steps": _BATCHES,
+    "auto_find_batch_size": _BATCHES, "max_steps": _LENGTH, "num_train_epochs": _LENGTH,
+    "seed": _AT_START, "data_seed": _AT_START, "full_determinism": _AT_START,
+    "optim": "the optimizer's state (Adam's moments, ...) belongs to one optimizer class, which another cannot "
+             "continue from",
+}
 # Tune kwargs that would break how trials run on Ray Train workers.
 REJECTED_TUNE_KWARGS = {
     "config": "the search space comes from `hp_space`",
@@ -149,6 +164,7 @@ def check_scheduler(scheduler: Any, trainer: Any, mode: str) -> None:
                          "eval_strategy='no' reports only one result at the end, so it could never stop or exploit "
                          "a trial. Set eval_strategy='steps' (with eval_steps) or 'epoch' in TrainingArguments.")
     fill_metric_and_mode(scheduler, mode)
+    check_population_mutations(scheduler, trainer.args)
     known = reported_metric_names(trainer)
     metric = scheduler.metric
     if known is not None and metric not in known:
@@ -157,6 +173,30 @@ def check_scheduler(scheduler: Any, trainer: Any, mode: str) -> None:
     if known is None and metric not in REPORTED_METRICS and not str(metric).startswith("eval_"):
         raise ValueError(f"{type(scheduler).__name__} uses metric={metric!r}, which trials never report: they "
                          "report 'objective' and the evaluation metrics (named 'eval_*').")
+
+
+def check_population_mutations(scheduler: Any, args: Any) -> None:
+    """PBT (and PB2) change `hyperparam_mutations` mid-run: each key must be a TrainingArguments field that can."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    if not isinstance(scheduler, PopulationBasedTraining):
+        return
+    mutations = getattr(scheduler, "_hyperparam_mutations", None) or {}  # Ray keeps them (PB2: its bounds) here
+    fields = {f.name for f in dataclasses.fields(args) if f.init}
+    unknown = [key for key in mutations if key not in fields]
+    if unknown:
+        raise ValueError(f"{type(scheduler).__name__}'s hyperparam_mutations has keys that are not "
+                         f"{type(args).__name__} fields: {unknown}. Every key is applied to the trial's "
+                         "TrainingArguments when PBT perturbs it.")
+    for key in mutations:
+        why = FIXED_DURING_A_RUN.get(key) or ("it fixes where and how every trial runs"
+                                              if key in UNSEARCHABLE_FIELDS else None)
+        if why:
+            raise ValueError(f"{type(scheduler).__name__}'s hyperparam_mutations includes {key!r}, which cannot "
+                             f"change in the middle of a run: {why}. Search it with hp_space and a scheduler that "
+                             f"does not mutate (ASHA, ...), or set it on TrainingArguments; PBT can mutate the "
+                             "optimizer's and the schedule's settings (learning_rate, weight_decay, adam_*, "
+                             "warmup_*, max_grad_norm, ...).")
 
 
 # ---------------------------------------------------------------------------------------------- resources

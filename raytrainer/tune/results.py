@@ -8,6 +8,9 @@ from typing import Any, Callable, NamedTuple
 
 from raytrainer.tune.trial_config import CHECKPOINT_PATH, OBJECTIVE, apply_hyperparameters
 
+SCHEDULE = "hyperparameter_schedule"  # the key of a recorded result's schedule (driver-side records only)
+Schedule = tuple  # ((step, hyperparameters), ...): from each step on (its next optimizer step) the run used these
+
 
 class BestRun(NamedTuple):
     """The best run of `Trainer.hyperparameter_search`, as in transformers, plus its checkpoint.
@@ -20,6 +23,10 @@ class BestRun(NamedTuple):
         run_summary: the `ray.tune.ExperimentAnalysis` of the whole search.
         checkpoint: the transformers-layout checkpoint directory saved at the evaluation that gave `objective`
             (`best_run.load_model(trainer)` loads it into `trainer.model`); None if none was saved.
+        hyperparameter_schedule: `[(step, hyperparameters), ...]`, the configs the model that gave `objective` was
+            trained with: from `step` on (its next optimizer step) with `hyperparameters`. One entry `(0, ...)`
+            without PBT; with PBT, the configs of the trials it was cloned from up to each exploit, then its own,
+            since its final config alone does not reproduce it. `hyperparameters` is the last entry's.
     """
 
     run_id: str
@@ -27,6 +34,7 @@ class BestRun(NamedTuple):
     hyperparameters: dict[str, Any]
     run_summary: Any | None = None
     checkpoint: str | None = None
+    hyperparameter_schedule: list[tuple[int, dict[str, Any]]] | None = None
 
     def load_model(self, trainer: Any) -> Any:
         """Set `trainer.model` to the best trial's model: `model_init(hyperparameters)` with the weights of
@@ -93,20 +101,49 @@ def results_table(trials: list[Any], results: dict[str, list[dict]], stopped: se
     return "\n".join(lines)
 
 
+def continue_schedule(made: tuple[int, Schedule] | None, config: dict[str, Any]) -> Schedule:
+    """The schedule of a run that starts from a checkpoint (`made`: its step and the schedule that made it, None
+    for a fresh start) with `config`."""
+    if made is None:
+        return ((0, config),)
+    step, schedule = made
+    kept = tuple(entry for entry in schedule if entry[0] < step) or schedule[:1]
+    return kept if kept[-1][1] == config else (*kept, (step, config))
+
+
 def make_progress_callback(mode: str, scope: str, print_fn: Callable[[str], None] = print) -> Any:
-    """A Tune callback that keeps every trial's evaluations on the driver and prints one line per finished trial."""
+    """A Tune callback that keeps every trial's evaluations on the driver and prints one line per finished trial.
+
+    It also follows the hyperparameter schedule of each trial's model: a trial that (re)starts from a checkpoint
+    (PBT's exploit restores another trial's) continues the schedule that made that checkpoint.
+    """
     from ray import tune
 
     class SearchProgress(tune.Callback):
         def __init__(self):
             self.results: dict[str, list[dict[str, Any]]] = {}
             self.stopped: set[str] = set()  # trials a scheduler or stopper ended before their training did
+            self.schedules: dict[str, Schedule] = {}  # trial id -> the schedule of its current model
+            self.steps: dict[str, int] = {}  # trial id -> the step of its last result
+            self.made: dict[str, tuple[int, Schedule]] = {}  # Tune checkpoint path -> (step, schedule)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            checkpoint = trial.checkpoint  # after an exploit: the donor's
+            made = self.made.get(checkpoint.path) if checkpoint is not None else None
+            self.schedules[trial.trial_id] = continue_schedule(made, dict(trial.config))
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            self.made[checkpoint.path] = (self.steps.get(trial.trial_id, 0), self._schedule(trial))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if OBJECTIVE in result:
-                self.results.setdefault(trial.trial_id, []).append(dict(result))
+                self.results.setdefault(trial.trial_id, []).append({**result, SCHEDULE: self._schedule(trial)})
+                self.steps[trial.trial_id] = result.get("step", 0)
             if result.get("done"):  # Tune marks the result it stops a trial on; a finished run's last is not
                 self.stopped.add(trial.trial_id)
+
+        def _schedule(self, trial) -> Schedule:
+            return self.schedules.setdefault(trial.trial_id, ((0, dict(trial.config)),))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._print(trial)
@@ -137,5 +174,6 @@ def summarize_search(analysis: Any, results: dict[str, list[dict]], stopped: set
                            + "; ".join(errors))
     pick = min if mode == "min" else max
     trial, result = pick(scored, key=lambda pair: pair[1][OBJECTIVE])
-    return BestRun(run_id=trial.trial_id, objective=result[OBJECTIVE], hyperparameters=dict(trial.config),
-                   run_summary=analysis, checkpoint=result.get(CHECKPOINT_PATH))
+    schedule = [(step, dict(config)) for step, config in result.get(SCHEDULE) or ((0, trial.config),)]
+    return BestRun(run_id=trial.trial_id, objective=result[OBJECTIVE], hyperparameters=dict(schedule[-1][1]),
+                   run_summary=analysis, checkpoint=result.get(CHECKPOINT_PATH), hyperparameter_schedule=schedule)

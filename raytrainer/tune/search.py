@@ -62,9 +62,13 @@ def hyperparameter_search(
             scheduler or search algorithm without metric/mode gets `metric="objective"` and `direction`'s mode.
 
     Returns:
-        `BestRun(run_id, objective, hyperparameters, run_summary, checkpoint)`. `best_run.load_model(trainer)`
-        puts the best trial's trained model in `trainer.model`; `best_run.apply_to(trainer)` then
-        `trainer.train(trial=best_run.hyperparameters)` trains the best configuration again.
+        `BestRun(run_id, objective, hyperparameters, run_summary, checkpoint, hyperparameter_schedule)`.
+        `best_run.load_model(trainer)` puts the best trial's trained model in `trainer.model`;
+        `best_run.apply_to(trainer)` then `trainer.train(trial=best_run.hyperparameters)` trains the best
+        configuration again. With PBT, an exploited trial goes on from the donor's checkpoint with its perturbed
+        values in force from its next step (`tune.exploit`), and `hyperparameter_schedule` lists the configs the
+        best model was trained with, by step; PBT may not mutate a field that cannot change mid-run (batch size,
+        training length, seed, optimizer class): that is refused before any trial starts.
     """
     plan = prepare_search(trainer, hp_space, compute_objective, n_trials, direction, backend, scope, kwargs)
     from ray import tune

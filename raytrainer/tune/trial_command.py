@@ -81,9 +81,13 @@ class TrialCommand(WorkerCommand):
         return {"on_report": on_report, "checkpoint_prefix": f"{self.trial_id}-", "to_ray_train": False}
 
     def prepare(self, trainer: Any) -> None:
+        from raytrainer.tune.exploit import ResumeWithTrialHyperparameters
+
         if os.path.abspath(trainer.args.output_dir) != self.output_dir():  # the recipe held no arguments
             trainer.args = apply_hyperparameters(trainer.args, self.config, output_dir=self.output_dir())
         trainer.add_callback(save_at_each_evaluation())
+        # After a PBT exploit the trial goes on from the donor's checkpoint with its own (perturbed) values.
+        trainer.add_callback(ResumeWithTrialHyperparameters(trainer))
 
     def run(self, trainer: Any, restart_point: str | None) -> Any:
         from raytrainer.backend.reporting import transformers_checkpoint
