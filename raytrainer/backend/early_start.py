@@ -49,6 +49,13 @@ def take_first_start(can_train: bool) -> bool:
         return decision
 
 
+def never_start_early() -> None:
+    """No Trainer of this process starts Ray in the background (a test session starts its own Ray in a fixture,
+    which a Trainer built before it must not race)."""
+    with _lock:
+        _first["taken"] = True
+
+
 class EarlyStart:
     """A background thread that connects to Ray and starts the worker group `start_group` builds.
 
