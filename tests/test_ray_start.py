@@ -135,11 +135,14 @@ DRIVER = textwrap.dedent("""
                   disable_tqdm=True, logging_steps=1, seed=5)
     trainer = Trainer(model=RegressionModel(), args=TrainingArguments({out!r}, **values),
                       train_dataset=regression_dataset(32))
-    started_early = trainer._raytrainer_workers._early is not None
+    session = trainer._raytrainer_workers
+    started_early = session._early is not None
+    session._finish_early_start()  # (what train() does first) to see which group the background start made
+    early_group = session._early_group
     ours = trainer.train()
-    used_early_group = trainer._raytrainer_workers.group is not None and trainer._raytrainer_workers._early_group is None
-    theirs = transformers.Trainer(model=RegressionModel(), args=transformers.TrainingArguments({out!r} + "-hf", **values),
-                                  train_dataset=regression_dataset(32)).train()
+    used_early_group = early_group is not None and session.group is early_group
+    hf_args = transformers.TrainingArguments({out!r} + "-hf", **values)
+    theirs = transformers.Trainer(model=RegressionModel(), args=hf_args, train_dataset=regression_dataset(32)).train()
 
     node = ray._private.worker._global_node
     children = psutil.Process().children(recursive=True)
