@@ -152,7 +152,8 @@ DRIVER = textwrap.dedent("""
         "dead": dead, "started_early": started_early, "used_early_group": used_early_group,
         "ours": ours.training_loss, "theirs": theirs.training_loss, "gcs": ray.get_runtime_context().gcs_address,
         "session_dir": node.get_session_dir_path(), "webui_url": node.address_info.get("webui_url"),
-        "dashboard": [p.pid for p in children if "dashboard" in " ".join(p.cmdline())], "listening": listening}}),
+        "dashboard": [p.cmdline() for p in children if any(a.endswith("dashboard/dashboard.py") for a in p.cmdline())],
+        "listening": listening}}),
         flush=True)
 """)
 
@@ -175,7 +176,9 @@ def test_first_trainer_starts_an_embedded_ray_early_past_a_stale_record(tmp_path
         assert report["session_dir"].startswith(private_tmp) and report["gcs"].startswith("127.0.0.1:")
         assert report["started_early"] and report["used_early_group"]
         assert report["ours"] == pytest.approx(report["theirs"], rel=1e-6)
-        assert not report["webui_url"] and report["dashboard"] == []
+        # Ray still runs its API server process, with the dashboard's modules and frontend left out
+        assert not report["webui_url"] and report["dashboard"]
+        assert all("--disable-frontend" in command for command in report["dashboard"]), report["dashboard"]
         assert report["listening"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in report["listening"])
         assert "SIGTERM handler is not set" not in result.stderr
         leftovers = [p for p in psutil.process_iter(["cmdline"]) if private_tmp in " ".join(p.info["cmdline"] or ())]
