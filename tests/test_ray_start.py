@@ -74,7 +74,7 @@ def _cmdline(process) -> list[str]:
         return []
 
 
-def wait_until(condition, timeout_s=90.0) -> bool:
+def wait_until(condition, timeout_s=300.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -94,7 +94,7 @@ def start_early_now(trainer):
 def started_workers(early, before: set[int]) -> set[int]:
     assert early.done.wait(timeout=300)
     assert early.error is None, early.error
-    assert ray.get(early.group.channel.wait_ready.remote(), timeout=180)  # rank 0 waits for its first command
+    assert ray.get(early.group.channel.wait_ready.remote(), timeout=600)  # rank 0 waits for its first command
     assert wait_until(lambda: train_workers() - before)
     return train_workers() - before
 
