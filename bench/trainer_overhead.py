@@ -5,6 +5,8 @@
       + RayTrainReportCallback + prepare_trainer, 1 worker
   (c) raytrainer.Trainer, 1 worker
   (d) raytrainer.Trainer, 2 workers (same global batch: half the per-device batch)
+  (e) raytrainer.Trainer, 1 worker, built 5 s before train() (a script that tokenizes or loads data in between:
+      Ray and the workers start in the background meanwhile)
 
 For each it measures time to first step (from the train()/fit() call on the driver to the end of the
 first optimizer step), steady-state seconds per step (median interval between optimizer steps after
@@ -18,7 +20,7 @@ its model inside the worker, as the recipe does. `--warm` calls train()/fit() a 
 same process and adds "second call" columns, and times an evaluate() on the same (warm) trainer — for (b) there is
 no trainer left after fit() to evaluate with (issue 6).
 
-Usage: python bench/trainer_overhead.py [--quick] [--repeats 3] [--variants abcd] [--warm]
+Usage: python bench/trainer_overhead.py [--quick] [--repeats 3] [--variants abcde] [--warm]
 """
 
 import argparse
@@ -44,7 +46,9 @@ VARIANT_NAMES = {
     "b": "(b) Ray Train HF recipe, 1 worker",
     "c": "(c) raytrainer, 1 worker",
     "d": "(d) raytrainer, 2 workers",
+    "e": "(e) raytrainer, 1 worker, Trainer built 5 s before train()",
 }
+PREPARATION_S = 5.0  # (e): the script's own work between Trainer(...) and train()
 CHILD_TIMEOUT_S = 900
 
 
@@ -162,7 +166,7 @@ def run_ray_recipe(workload, output_dir, timer, calls):
     return [fit_once(index) for index in range(calls)], None
 
 
-def run_raytrainer(workload, output_dir, timer, calls, num_workers):
+def run_raytrainer(workload, output_dir, timer, calls, num_workers, preparation_s=0.0):
     import raytrainer
 
     training_args = dict(workload["training_args"])
@@ -171,6 +175,7 @@ def run_raytrainer(workload, output_dir, timer, calls, num_workers):
     trainer = raytrainer.Trainer(model=new_model(workload["model_config"]), args=args,
                                  train_dataset=workload["train_dataset"],
                                  data_collator=default_data_collator, callbacks=[timer])
+    time.sleep(preparation_s)
     with trainer:  # releases the warm workers at the end
         return [timed(trainer.train) for _ in range(calls)], timed_evaluate(trainer, workload, calls)
 
@@ -186,6 +191,7 @@ VARIANTS = {
     "b": run_ray_recipe,
     "c": functools.partial(run_raytrainer, num_workers=1),
     "d": functools.partial(run_raytrainer, num_workers=2),
+    "e": functools.partial(run_raytrainer, num_workers=1, preparation_s=PREPARATION_S),
 }
 
 
@@ -333,6 +339,10 @@ def print_targets(medians, second, options):
     check("issue 2: end-to-end (c) ÷ (b) (must be below 1)", c and b and c["end_to_end_s"] / b["end_to_end_s"],
           1.0)
     check("issue 6: first step (c), cold, 1 worker", c and c["first_step_s"], 8.0, " s")
+    check("issue 13: first step (c) ÷ (b), cold, 1 worker", c and b and c["first_step_s"] / b["first_step_s"], 0.6)
+    e = medians.get("e")
+    check(f"issue 13: first step (e), Trainer built {PREPARATION_S:g} s before train()", e and e["first_step_s"], 3.0,
+          " s")
     if options.warm:
         check("issue 6: first step of a second train() (c)", second.get("c", {}).get("first_step_s"), 3.0, " s")
         a_eval, c_eval = second.get("a", {}).get(WARM_EVALUATE), second.get("c", {}).get(WARM_EVALUATE)
@@ -355,7 +365,7 @@ def parse_options(argv=None):
                         help="upper bound for the BPE vocabulary (the corpus itself yields ~500)")
     parser.add_argument("--warmup-steps", type=int, default=5, help="step intervals ignored for step time")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default="abcd", help="subset of abcd, run in this order each repeat")
+    parser.add_argument("--variants", default="abcde", help="subset of abcde, run in this order each repeat")
     parser.add_argument("--warm", action="store_true", help="also time a second train()/fit() per process")
     parser.add_argument("--no-checkpoint", dest="save_checkpoint", action="store_false",
                         help="do not save a checkpoint at the last step (default: save one, in every variant)")
@@ -375,7 +385,7 @@ def parse_options(argv=None):
     options = parser.parse_args(argv)
     unknown = set(options.variants) - set(VARIANTS)
     if unknown:
-        parser.error(f"--variants {options.variants!r}: unknown {sorted(unknown)}; choose from 'abcd'")
+        parser.error(f"--variants {options.variants!r}: unknown {sorted(unknown)}; choose from 'abcde'")
     if options.batch % 2 and "d" in options.variants:
         parser.error(f"--batch {options.batch} is odd: variant (d) splits it over 2 workers; use an even batch")
     if options.steps <= options.warmup_steps + 1:

@@ -112,10 +112,11 @@ class Trainer(TransformersTrainer):
         if in_worker():
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval)
-        resume = checks.resolve_resume(self.args, resume_from_checkpoint)
-        checks.check_trainable(self)
-        checks.check_dataset(self, self.train_dataset, "training", needs_labels=True)
-        result = self._run_on_workers(TrainCommand(resume, trial, ignore_keys_for_eval), "train")
+        with self._raytrainer_workers.stops_unused_start_on_error():
+            resume = checks.resolve_resume(self.args, resume_from_checkpoint)
+            checks.check_trainable(self)
+            checks.check_dataset(self, self.train_dataset, "training", needs_labels=True)
+            result = self._run_on_workers(TrainCommand(resume, trial, ignore_keys_for_eval), "train")
         if self.model_init is not None:  # as transformers' train() does: a fresh model, the trained weights in it
             enable_full_determinism(self.args.seed) if self.args.full_determinism else set_seed(self.args.seed)
             self.model = self.model_wrapped = self.call_model_init(trial)
@@ -131,21 +132,25 @@ class Trainer(TransformersTrainer):
         if in_worker():
             return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                     metric_key_prefix=metric_key_prefix)
-        if eval_dataset is None and self.eval_dataset is None:
-            raise ValueError("Trainer: evaluation requires an eval_dataset. Pass one to the Trainer or to evaluate().")
-        checks.check_dataset(self, eval_dataset if eval_dataset is not None else self.eval_dataset, "evaluation",
-                             needs_labels=False)
-        return self._run_on_workers(EvaluateCommand(eval_dataset, ignore_keys, metric_key_prefix), "evaluate").output
+        with self._raytrainer_workers.stops_unused_start_on_error():
+            if eval_dataset is None and self.eval_dataset is None:
+                raise ValueError("Trainer: evaluation requires an eval_dataset. Pass one to the Trainer or to "
+                                 "evaluate().")
+            checks.check_dataset(self, eval_dataset if eval_dataset is not None else self.eval_dataset, "evaluation",
+                                 needs_labels=False)
+            command = EvaluateCommand(eval_dataset, ignore_keys, metric_key_prefix)
+            return self._run_on_workers(command, "evaluate").output
 
     def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
                 metric_key_prefix: str = "test") -> PredictionOutput:
         """transformers' `predict()`, run by the Ray Train workers: one row per example, in dataset order."""
         if in_worker():
             return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if test_dataset is None:
-            raise ValueError("Trainer.predict() needs a test_dataset.")
-        checks.check_dataset(self, test_dataset, "test", needs_labels=False)
-        return self._run_on_workers(PredictCommand(test_dataset, ignore_keys, metric_key_prefix), "predict").output
+        with self._raytrainer_workers.stops_unused_start_on_error():
+            if test_dataset is None:
+                raise ValueError("Trainer.predict() needs a test_dataset.")
+            checks.check_dataset(self, test_dataset, "test", needs_labels=False)
+            return self._run_on_workers(PredictCommand(test_dataset, ignore_keys, metric_key_prefix), "predict").output
 
     def hyperparameter_search(self, hp_space: Callable | None = None, compute_objective: Callable | None = None,
                               n_trials: int = 20, direction: str = "minimize", backend: Any = None,
@@ -157,8 +162,9 @@ class Trainer(TransformersTrainer):
                                                  **kwargs)
         from raytrainer.tune.search import hyperparameter_search
 
-        return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
-                                     **kwargs)
+        with self._raytrainer_workers.stops_unused_start_on_error():
+            return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
+                                         **kwargs)
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
                         dataloader_key=None):
@@ -297,6 +303,21 @@ def _construction(trainer: Trainer) -> Iterator[None]:
         trainer.__dict__["_raytrainer_baseline"] = {
             name: _Seen(value, copy.deepcopy(value), True) if _is_plain(value) else _Seen(value)
             for name, value in vars(trainer).items() if not name.startswith("_raytrainer")}
+        _start_early(trainer)
+
+
+def _start_early(trainer: Trainer) -> None:
+    """The first Trainer of a script that can train starts Ray and its workers now, in the background
+    (`backend.early_start`); a Ray Data dataset needs its group started with the data, at the call."""
+    from raytrainer.backend.data_transport import is_ray_dataset
+
+    session = trainer.__dict__.get("_raytrainer_workers")
+    if session is None:  # a subclass that never called our constructor
+        return
+    datasets = [trainer.train_dataset, *(trainer.eval_dataset.values() if isinstance(trainer.eval_dataset, dict)
+                                         else [trainer.eval_dataset])]
+    session.start_early(trainer.args, can_train=any(d is not None for d in datasets),
+                        with_group=not any(is_ray_dataset(d) for d in datasets))
 
 
 def _observed_construction(init: Callable) -> Callable:

@@ -11,6 +11,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _no_background_ray_start() -> None:
+    """The session's Ray is started by the `ray_session` fixture; a Trainer built by a test before it (one that only
+    checks arguments) must not start an embedded Ray in the background (`raytrainer.backend.early_start`). Scripts
+    the tests run in subprocesses start theirs as users' scripts do."""
+    from raytrainer.backend.early_start import never_start_early
+
+    never_start_early()
+
+
+_no_background_ray_start()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

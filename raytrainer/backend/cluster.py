@@ -6,32 +6,112 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
 
 from raytrainer.arguments import ray_settings
 
+logger = logging.getLogger(__name__)
+
 _embedded = {"started": False}
+RECORD_CHECK_TIMEOUT_S = 1.0  # how long a recorded local cluster may take to accept a connection
 
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to Ray once per driver: `address`, RAY_ADDRESS / the job's cluster, a running local cluster,
-    or else an embedded local Ray sized to this machine. Never starts a second local Ray."""
+    or else an embedded local Ray for this driver. Never starts a second local Ray.
+
+    Raises `ValueError` when `address` names another cluster than the one this process is already connected to."""
     if ray.is_initialized():
+        if address:
+            check_same_cluster(address)
         return
     address = address or os.environ.get("RAY_ADDRESS")
     options = {"ignore_reinit_error": True, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **options)
         return
-    # No address: ray.init() joins the cluster `ray start` recorded on this machine, else starts an embedded one.
-    # Not address="auto": that also attaches to any other program's embedded Ray that `ps` finds.
-    from ray._private.services import canonicalize_bootstrap_address
+    # No address: join the cluster `ray start` recorded on this machine, else start an embedded one. Not
+    # address="auto": that also attaches to any other program's embedded Ray that `ps` finds.
+    from ray._private.utils import get_ray_address_file, read_ray_address
 
-    starts_embedded = canonicalize_bootstrap_address(None) is None
-    ray.init(**options)
-    _embedded["started"] = starts_embedded
+    recorded = read_ray_address()
+    if recorded and answers(recorded):
+        ray.init(**options)
+        return
+    if recorded:
+        logger.warning(
+            "Ray's record of a local cluster (%s) names %s, which does not answer: the `ray start` that wrote it "
+            "ended without `ray stop`. Starting an embedded Ray for this driver instead; run `ray stop` to clear "
+            "the record (or `ray start --head` to start that cluster again).", get_ray_address_file(None), recorded)
+    start_embedded_ray(options)
+
+
+def start_embedded_ray(options: dict) -> None:
+    """A Ray for this driver alone: no dashboard (a `ray start` cluster keeps its own), and listening on loopback
+    only. Ray's local-only mode (the default on macOS and Windows: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`) resolves
+    the node address to 127.0.0.1 instead of this machine's network address; the processes then bind there."""
+    from ray._private import ray_constants
+
+    # Ray Train's state actor asks the State API (the dashboard's) every 30 s whether each run's controller lives.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    _embedded["started"] = True
+
+
+def answers(address: str, timeout_s: float = RECORD_CHECK_TIMEOUT_S) -> bool:
+    """Whether something accepts connections at `address` (host:port) within `timeout_s`."""
+    from ray._common.network_utils import parse_address
+
+    parsed = parse_address(address)
+    if parsed is None:
+        return False
+    try:
+        with socket.create_connection((parsed[0], int(parsed[1])), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_same_cluster(address: str) -> None:
+    """Raise when `address` (host:port) is not the Ray cluster this process is connected to."""
+    if address in ("auto", "local") or "://" in address:
+        return  # any cluster / a Ray Client address: nothing to compare the connection with
+    from ray._common.network_utils import parse_address
+
+    current = ray.get_runtime_context().gcs_address
+    wanted, connected = parse_address(address), parse_address(current)
+    if wanted is None or connected is None:
+        return
+    if str(wanted[1]) == str(connected[1]) and (
+            _host_ip(wanted[0]) == _host_ip(connected[0]) or (_is_this_machine(wanted[0])
+                                                             and _is_this_machine(connected[0]))):
+        return
+    raise ValueError(
+        f"ray_address={address!r} names another Ray cluster than the one this process is already connected to "
+        f"({current}); a process uses one Ray cluster. Remove ray_address to train on {current}, or call "
+        "ray.shutdown() before building the Trainer to use the other one.")
+
+
+def _host_ip(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def _is_this_machine(host: str) -> bool:
+    from ray._private.services import get_node_ip_address
+
+    ip = _host_ip(host)
+    return ip.startswith("127.") or ip in ("::1", "0.0.0.0") or ip == get_node_ip_address()
 
 
 def is_embedded_ray() -> bool:

@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytrainer.backend.channel import CommandChannel, CommandFinished, CommandRequest
-from raytrainer.backend.cluster import WorkerGroupSpec
+from raytrainer.backend.cluster import WorkerGroupSpec, is_embedded_ray
 from raytrainer.backend.worker import serve_commands
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,19 @@ class WorkerError(RuntimeError):
                 cause = next(iter(failures.values())) if isinstance(failures, dict) else failures[0]
                 break
         return cls(f"Training failed on the Ray Train workers: {str(cause).strip()}")
+
+
+class TorchTrainerInEmbeddedRay(TorchTrainer):
+    """Ray Train's TorchTrainer without its placement-group cleaner, for the embedded Ray of one driver.
+
+    The cleaner (a detached actor started with every run) removes a run's placement group when its controller dies
+    while the cluster lives on; it asks the State API, which the dashboard serves. The embedded Ray ends with its
+    driver and runs no dashboard, so there is nothing for the cleaner to clean, and it could only fail (printing a
+    traceback into the driver's output) after costing a process start next to the workers'."""
+
+    def _create_default_callbacks(self):
+        return [callback for callback in super()._create_default_callbacks()
+                if type(callback).__name__ != "PlacementGroupCleanerCallback"]
 
 
 class WorkerStopped(RuntimeError):
@@ -85,7 +98,8 @@ class WorkerGroup:
             storage_path=spec.storage_path, failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=self.save_total_limit if spec.storage_path is not None else None))
-        trainer = TorchTrainer(
+        trainer_class = TorchTrainerInEmbeddedRay if is_embedded_ray() else TorchTrainer
+        trainer = trainer_class(
             serve_commands, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                          resources_per_worker=spec.resources,

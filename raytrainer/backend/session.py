@@ -8,13 +8,14 @@ hyperparameter search borrows the warm group (`lend`) and hands one back (`take`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import queue
 import threading
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -24,6 +25,7 @@ from raytrainer.backend.channel import CommandRequest, LogEvent, LogRecordEvent,
 from raytrainer.backend.cluster import WorkerGroupSpec, ensure_ray
 from raytrainer.backend.commands import CommandResult, TrainerRecipe, WorkerCommand
 from raytrainer.backend.data_transport import DatasetSender
+from raytrainer.backend.early_start import EarlyStart, cancel_when_collected, take_first_start
 from raytrainer.backend.group import WorkerGroup, WorkerStopped
 from raytrainer.backend.user_code import check_picklable
 
@@ -46,10 +48,61 @@ class WorkerSession:
         self.group: WorkerGroup | None = None
         self.group_key: tuple | None = None
         self._release: weakref.finalize | None = None
+        self._early: EarlyStart | None = None  # Ray and a group starting in the background (the first Trainer)
+        self._early_group: WorkerGroup | None = None  # the group it started, not used by a call yet
+        self._early_release: weakref.finalize | None = None
 
-    @staticmethod
-    def connect(args: Any) -> None:
-        ensure_ray(ray_settings(args)["ray_address"])
+    def connect(self, args: Any) -> None:
+        """Make sure this process is connected to Ray (after a background start, once it finished)."""
+        self._finish_early_start()
+        _connect(args)
+
+    # ------------------------------------------------------------------ the background start
+    def start_early(self, args: Any, can_train: bool, with_group: bool) -> None:
+        """At construction: start Ray and (`with_group`) the workers for `args` in the background, when this is
+        the process's first Trainer that can train (`backend.early_start`)."""
+        if take_first_start(can_train):
+            self._early = EarlyStart(args, _connect, _start_group if with_group else _no_group)
+            self._early_release = cancel_when_collected(self, self._early)
+
+    def _finish_early_start(self) -> None:
+        """Wait for the background start; keep the group it started for the first call. Raises its error."""
+        early, self._early = self._early, None
+        if early is None:
+            return
+        self._early_release.detach()
+        self._early_release = None
+        group = early.wait()
+        if group is not None:
+            self._early_group = group
+            self._early_release = weakref.finalize(self, _close_later, group)
+
+    def _take_early_group(self) -> WorkerGroup | None:
+        group, self._early_group = self._early_group, None
+        if self._early_release is not None:
+            self._early_release.detach()
+            self._early_release = None
+        return group
+
+    def stop_early_start(self) -> None:
+        """Stop what the background start started, unless a call used it already."""
+        early, self._early = self._early, None
+        if early is not None:
+            self._early_release.detach()
+            self._early_release = None
+            early.cancel()
+        group = self._take_early_group()
+        if group is not None:
+            group.close()
+
+    @contextlib.contextmanager
+    def stops_unused_start_on_error(self) -> Iterator[None]:
+        """An error on the driver before the workers were used stops what the background start started."""
+        try:
+            yield
+        except BaseException:
+            self.stop_early_start()
+            raise
 
     def call(self, args: Any, recipe: TrainerRecipe, callbacks: list, command: WorkerCommand, ray_datasets: dict,
              on_event: Any) -> CommandResult:
@@ -84,7 +137,12 @@ class WorkerSession:
         if self.group is not None and self.group.idle_timeout_s != idle_timeout:
             self.group.set_idle_timeout(idle_timeout)
         if self.group is None:
-            group = None if ray_datasets else _take_idle_group(key)
+            group = self._take_early_group()
+            if group is not None and (ray_datasets or not group.alive or _key_of(group) != key):
+                group.close()  # started for arguments (or data) this call no longer has
+                group = None
+            if group is None and not ray_datasets:
+                group = _take_idle_group(key)
             if group is not None:
                 group.set_idle_timeout(idle_timeout)
             else:
@@ -107,6 +165,7 @@ class WorkerSession:
 
     def close(self) -> None:
         """Release the warm workers (also done by garbage collection, at driver exit and after the idle timeout)."""
+        self.stop_early_start()
         if self.group is not None:
             _owners.pop(self.group, None)
         if self._release is not None:
@@ -117,12 +176,16 @@ class WorkerSession:
     def lend(self, args: Any, usable: bool) -> WorkerGroup | None:
         """Hand the warm group over to a hyperparameter search (None when there is none it can use: other
         arguments, Ray Data, or Ray Train rotating checkpoints that trials need)."""
+        self._finish_early_start()
         group = self.group
         if group is None:
-            return None
-        _owners.pop(group, None)
-        self._release.detach()
-        self.group = self._release = None
+            group = self._take_early_group()
+            if group is None:
+                return None
+        else:
+            _owners.pop(group, None)
+            self._release.detach()
+            self.group = self._release = None
         spec = WorkerGroupSpec.of(args)
         if not (usable and group.alive and group.spec == spec
                 and (spec.storage_path is None or group.save_total_limit is None)):
@@ -141,6 +204,29 @@ class WorkerSession:
         self.close()
         group.set_idle_timeout(idle_timeout)
         self._adopt(group, self._key(args, group.spec))
+
+
+def _connect(args: Any) -> None:
+    ensure_ray(ray_settings(args)["ray_address"])
+
+
+def _start_group(args: Any) -> WorkerGroup:
+    """The worker group a first call with `args` would start (run by the background start)."""
+    spec = WorkerGroupSpec.of(args)
+    spec.check_fits_cluster()
+    group = WorkerGroup(spec, idle_timeout_s=ray_settings(args)["worker_idle_timeout"] or None,
+                        save_total_limit=args.save_total_limit)
+    group.start()
+    return group
+
+
+def _no_group(args: Any) -> None:
+    return None
+
+
+def _key_of(group: WorkerGroup) -> tuple:
+    """`WorkerSession._key` of the arguments `group` was started for."""
+    return group.spec, group.save_total_limit if group.spec.storage_path is not None else None
 
 
 def is_display_callback(callback: Any) -> bool:
