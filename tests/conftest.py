@@ -49,3 +49,43 @@ def release_warm_workers():
     worker_group = sys.modules.get("raytrainer.backend.group")
     if worker_group is not None:
         worker_group.close_all_worker_groups()
+
+
+class StartedRay(AssertionError):
+    """Raised by `no_ray_start` / `no_worker_start` when the code under test starts what it must not."""
+
+
+def _forbid(monkeypatch, owner, name: str, what: str) -> None:
+    def refuse(*args, **kwargs):
+        raise StartedRay(f"{what} was called: this check must fail before anything starts on Ray")
+
+    monkeypatch.setattr(owner, name, refuse)
+
+
+@pytest.fixture
+def no_worker_start(monkeypatch):
+    """Makes starting or calling any worker group, Tune search or iterative actor raise `StartedRay` for one test:
+    a test of an error raised "before any worker starts" then fails if the code got as far as the workers, whether
+    or not an earlier test left Ray (or an idle group) running."""
+    import ray.tune
+
+    from raytrainer.backend.group import WorkerGroup
+    from raytrainer.iterative.trainer import IterativeSFTTrainer
+
+    _forbid(monkeypatch, WorkerGroup, "start", "WorkerGroup.start")
+    _forbid(monkeypatch, WorkerGroup, "run", "WorkerGroup.run")  # an idle group taken over from an earlier test
+    _forbid(monkeypatch, ray.tune, "run", "ray.tune.run")
+    _forbid(monkeypatch, IterativeSFTTrainer, "_start", "IterativeSFTTrainer._start")
+
+
+@pytest.fixture
+def no_ray_start(no_worker_start, monkeypatch):
+    """`no_worker_start`, and connecting to or starting Ray raises too (ray.init and raytrainer's ensure_ray)."""
+    import ray
+
+    from raytrainer.backend import cluster, session
+    from raytrainer.iterative import trainer
+
+    _forbid(monkeypatch, ray, "init", "ray.init")
+    for module in (cluster, session, trainer):
+        _forbid(monkeypatch, module, "ensure_ray", "ensure_ray")

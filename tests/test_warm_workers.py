@@ -1,36 +1,17 @@
 """A Trainer keeps its Ray Train worker group warm between calls, and releases it when told, idle or collected."""
 
 import gc
-import os
-import time
 
 import numpy as np
 import pytest
 import transformers
 from transformers import TrainerCallback
 
-from helpers import RegressionModel, regression_dataset
+from helpers import KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, process_gone, regression_dataset
 from parity import assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from helpers import KillWorkerOnce
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class WorkerPids(TrainerCallback):
-    """Records rank 0's process id at every train/evaluate/predict (the driver sees rank 0's list)."""
-
-    def __init__(self):
-        self.pids = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
-
-    def on_predict(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
 
 
 def build_model():
@@ -43,15 +24,8 @@ def common(**overrides):
     return {**values, **overrides}
 
 
-def wait_until_gone(pid: int, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
+def wait_until_gone(process: tuple[int, float], timeout_s: float = 60.0) -> bool:
+    return process_gone(*process, timeout_s=timeout_s)
 
 
 def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tmp_path):
@@ -75,9 +49,9 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
         prediction = ours.predict(held_out)
         assert comparable(evaluation) == pytest.approx(comparable(their_eval), rel=1e-5)
         np.testing.assert_allclose(prediction.predictions, their_prediction.predictions, rtol=1e-5)
-        assert len(pids.pids) == 4 and len(set(pids.pids)) == 1, pids.pids  # one worker process served every call
-        worker_pid = pids.pids[0]
-    assert wait_until_gone(worker_pid), "closing the Trainer must end its worker processes"
+        assert len(pids.processes) == 4 and len(set(pids.processes)) == 1, pids.processes  # one process served all
+        worker = pids.processes[0]
+    assert wait_until_gone(worker), "closing the Trainer must end its worker processes"
 
 
 def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
@@ -87,16 +61,16 @@ def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
     trainer.train()
     trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(max_steps=3))
     trainer.train()  # a different worker group shape: the old group is released, a new one starts
-    assert pids.pids[0] != pids.pids[1]
-    assert wait_until_gone(pids.pids[0])
+    assert pids.processes[0] != pids.processes[1]
+    assert wait_until_gone(pids.processes[0])
     trainer.close()
-    assert wait_until_gone(pids.pids[1])
+    assert wait_until_gone(pids.processes[1])
     trainer.evaluate(regression_dataset(8))  # a closed Trainer starts workers again when called
-    assert pids.pids[2] not in pids.pids[:2]
-    pid = pids.pids[2]
+    assert pids.processes[2] not in pids.processes[:2]
+    worker = pids.processes[2]
     del trainer
     gc.collect()
-    assert wait_until_gone(pid), "a garbage-collected Trainer must release its workers"
+    assert wait_until_gone(worker), "a garbage-collected Trainer must release its workers"
 
 
 def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp_path):
@@ -105,9 +79,9 @@ def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
                       eval_dataset=regression_dataset(8), callbacks=[pids])
     trainer.train()
-    assert wait_until_gone(pids.pids[0], timeout_s=60)  # idle for 1 s: the workers exit on their own
+    assert wait_until_gone(pids.processes[0], timeout_s=60)  # idle for 1 s: the workers exit on their own
     metrics = trainer.evaluate()
-    assert "eval_loss" in metrics and pids.pids[1] != pids.pids[0]
+    assert "eval_loss" in metrics and pids.processes[1] != pids.processes[0]
     trainer.close()
 
 
@@ -116,7 +90,7 @@ def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
     args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=0, **common(max_steps=3))
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
     trainer.train()
-    assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.pids[0])
+    assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.processes[0])
 
 
 def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_path):
@@ -134,7 +108,7 @@ def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_pat
     trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2, **ours)
     trainer.add_callback(KillWorkerOnce(2, marker))  # step 2 of the second call: before it saved anything
     trainer.train()
-    assert os.path.exists(marker)
+    assert killed_pid(marker)
     assert trainer.state.global_step == 16
     assert_weights_close(theirs.model, trainer.model, tol=1e-6)
     trainer.close()
