@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import GPT2LMHeadModel, TrainerCallback
+from transformers import DataCollatorForSeq2Seq, GPT2LMHeadModel, TrainerCallback
 
 from _iterative_fixtures import arguments, arithmetic, gpt2, t5, tokenizer
 from actors.generator import completion_tokens
@@ -241,10 +241,17 @@ def test_evaluate_scores_the_trained_weights(make_trainer):
         return {"rows": len(prediction.predictions)}
 
     trainer.compute_metrics = compute_metrics
+    def loss_of(model):  # the 4 rows are one evaluation batch (per_device_eval_batch_size=8)
+        rows = [dataset[i] for i in range(len(dataset))]
+        with torch.no_grad():
+            return model.eval()(**DataCollatorForSeq2Seq(tokenizer(), label_pad_token_id=-100)(rows)).loss.item()
+
     before = trainer.evaluate(dataset)
+    assert before["eval_loss"] == pytest.approx(loss_of(gpt2()), rel=1e-5)
     trainer.step(texts=TEXTS, texts_labels=LABELS)
     after = trainer.evaluate(dataset)
-    assert after["eval_loss"] != before["eval_loss"] and after["eval_rows"] == 4
+    assert after["eval_loss"] == pytest.approx(loss_of(trainer.model), rel=1e-5)
+    assert abs(after["eval_loss"] - before["eval_loss"]) > 1e-3 and after["eval_rows"] == 4 and seen[-1][0] == 4
 
 
 def test_arithmetic_example_learns_in_a_few_rounds(ray_session, tmp_path):
