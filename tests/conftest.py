@@ -1,7 +1,6 @@
 """One Ray instance per test session (real local cluster), shared by every Ray test."""
 
 import os
-import socket
 import sys
 
 import pytest
@@ -9,12 +8,6 @@ import pytest
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -26,19 +19,32 @@ def ray_session():
         # the workers' resources when it does not (e.g. trials Tune stopped). Point it at this session's own
         # dashboard, so that it never asks another Ray cluster on the machine (the job-submit tests' head). Only
         # Ray's processes get this setting: in this process it would redirect job-submission clients.
-        port = _free_port()
-        previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        try:
-            ray.init(num_cpus=8, num_gpus=0, logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=port)
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = previous
+        for attempt in range(3):  # the dashboard port may be taken between choosing and binding it: choose again
+            try:
+                _start_session_ray(ray)
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
     yield ray
     ray.shutdown()
+
+
+def _start_session_ray(ray) -> None:
+    from helpers import free_port
+
+    port = free_port()
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(num_cpus=8, num_gpus=0, logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import numpy as np
 import torch
@@ -157,3 +158,31 @@ class WorkerPids(TrainerCallback):
 
     def on_predict(self, args, state, control, **kwargs):
         self._record()
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports that were free a moment ago (bound to port 0 together, then released). Another
+    program may take one before the caller binds it: callers retry with fresh ports (`retry_on_taken_port`)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def retry_on_taken_port(start, attempts: int = 3, taken=("address already in use", "eaddrinuse")):
+    """`start(port)` with a fresh free port, again (up to `attempts` times) when it fails because the port was
+    taken in the meantime; any other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except Exception as error:  # noqa: BLE001 - only a taken port is retried
+            if attempt == attempts - 1 or not any(text in str(error).lower() for text in taken):
+                raise

@@ -1,6 +1,7 @@
 """A Trainer keeps its Ray Train worker group warm between calls, and releases it when told, idle or collected."""
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -51,7 +52,13 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
         np.testing.assert_allclose(prediction.predictions, their_prediction.predictions, rtol=1e-5)
         assert len(pids.processes) == 4 and len(set(pids.processes)) == 1, pids.processes  # one process served all
         worker = pids.processes[0]
-    assert wait_until_gone(worker), "closing the Trainer must end its worker processes"
+        # Another Trainer of the same worker layout takes over the idle group instead of starting one.
+        other_pids = WorkerPids()
+        other = Trainer(model=RegressionModel(), args=args, eval_dataset=held_out, callbacks=[other_pids])
+        other.evaluate()
+        assert other_pids.processes == [worker] and ours._raytrainer_workers.group is None
+        other.close()
+    assert wait_until_gone(worker), "closing the Trainer that holds the group must end its worker processes"
 
 
 def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
@@ -135,3 +142,24 @@ def test_an_error_in_a_warm_call_is_reported_and_the_next_call_works(tmp_path):
 def test_bad_idle_timeout_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="worker_idle_timeout"):
         TrainingArguments(str(tmp_path), worker_idle_timeout=-1)
+
+
+def test_no_worker_group_outlives_its_trainer():
+    """Runs last in this module, before the fixture that closes every group at the module's end: each Trainer
+    above was closed or garbage-collected, so none of their groups may still run, and the session's Ray has no
+    live Ray Train worker left."""
+    from ray.util.state import list_actors
+
+    from raytrainer.backend import group
+
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while any(g.alive for g in list(group._live_groups)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [g for g in list(group._live_groups) if g.alive] == []
+    while time.monotonic() < deadline:
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if not workers:
+            break
+        time.sleep(0.5)
+    assert workers == [], workers
