@@ -10,7 +10,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from transformers import TrainerCallback
 
 from _tuning_fixtures import make_trainer
-from helpers import KillWorkerOnce
+from helpers import KillWorkerOnce, WorkerPids, killed_pid
 from raytrainer import BestRun
 from raytrainer.tune.pool import MORE_GROUPS_AFTER_S
 
@@ -104,16 +104,6 @@ def test_train_again_with_the_best_hyperparameters(lr_search, tmp_path):
     assert last_evaluation["eval_loss"] == pytest.approx(best.objective, rel=1e-6)  # same seed, same run
 
 
-class WorkerPid(TrainerCallback):
-    """Rank 0's process id at each evaluation (the driver sees it in the callback's state after a call)."""
-
-    def __init__(self):
-        self.pids = []
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
-
-
 def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_others(ray_session, tmp_path):
     pid_file = tmp_path / "trial_pids.txt"
 
@@ -124,7 +114,7 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
             raise ValueError("the loss exploded")
         return metrics["eval_loss"]
 
-    evaluations = WorkerPid()
+    evaluations = WorkerPids()  # rank 0's process at each call of the Trainer's own
     trainer = make_trainer(tmp_path, callbacks=[evaluations])
     trainer.evaluate()  # starts the Trainer's warm worker group
     warm_pid = evaluations.pids[-1]
@@ -154,7 +144,7 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_last_checkpoint(ray_ses
     trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[undisturbed])
     marker.unlink()  # the second search's worker dies at step 5, after the checkpoint of step 4
     best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[resumed])
-    assert marker.read_text().isdigit()  # a worker really was killed
+    assert killed_pid(str(marker))  # a worker really was killed
     (reference,), (results,) = undisturbed.by_trial.values(), resumed.by_trial.values()
     # Ray Train restarted the group and the trial went on from step 4: every evaluation once, the same numbers.
     assert [step for step, _ in results] == [step for step, _ in reference] == list(range(2, 21, 2))

@@ -14,7 +14,8 @@ from raytrainer.tune.results import results_table, trial_score
 from raytrainer.tune.pool import TrialConcurrency
 from raytrainer.tune.checks import fill_metric_and_mode, plan_trial_resources
 from raytrainer.tune.trial_config import apply_hyperparameters
-from _tuning_fixtures import RegressionModel, make_trainer, regression_data
+from _tuning_fixtures import make_trainer
+from helpers import RegressionModel, regression_dataset
 
 
 # Each search must fail before a trial (or any worker) starts, also when an earlier test left Ray running; the checks
@@ -31,7 +32,7 @@ def search_error(trainer, match, error=ValueError, **kwargs):
 
 def test_needs_model_init(tmp_path, no_ray_start):
     trainer = Trainer(model=RegressionModel(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
-                      train_dataset=regression_data(16, 0), eval_dataset=regression_data(8, 1))
+                      train_dataset=regression_dataset(16, 0), eval_dataset=regression_dataset(8, 1))
     search_error(trainer, "needs `model_init`", RuntimeError)
 
 
