@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 import transformers
-from transformers import TrainerCallback
 
 from helpers import KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, process_gone, regression_dataset
 from parity import assert_weights_close, comparable, run_transformers
