@@ -143,12 +143,27 @@ def test_bad_idle_timeout_is_rejected(tmp_path):
         TrainingArguments(str(tmp_path), worker_idle_timeout=-1)
 
 
+def train_worker_processes() -> list:
+    """The live Ray Train worker processes of this session's Ray (children of its raylet), counted with psutil."""
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    found = []
+    for process in raylet.children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+            if command.startswith("ray::RayTrainWorker") and process.status() != psutil.STATUS_ZOMBIE:
+                found.append((process.pid, command))
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def test_no_worker_group_outlives_its_trainer():
     """Runs last in this module, before the fixture that closes every group at the module's end: each Trainer
-    above was closed or garbage-collected, so none of their groups may still run, and the session's Ray has no
-    live Ray Train worker left."""
-    from ray.util.state import list_actors
-
+    above was closed or garbage-collected, so none of their groups may still be open, and no Ray Train worker
+    process of this session's Ray may still run."""
     from raytrainer.backend import group
 
     gc.collect()
@@ -156,9 +171,7 @@ def test_no_worker_group_outlives_its_trainer():
     while any(g.alive for g in list(group._live_groups)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [g for g in list(group._live_groups) if g.alive] == []
-    while time.monotonic() < deadline:
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        if not workers:
-            break
+    deadline = time.monotonic() + 120
+    while train_worker_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert workers == [], workers
+    assert train_worker_processes() == []
