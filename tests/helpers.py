@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import numpy as np
 import torch
@@ -97,3 +98,91 @@ def training_settings(tmp_path, name: str, **overrides) -> dict:
                   learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
     values.update(overrides)
     return values
+
+
+def killed_pid(marker: str, timeout_s: float = 30.0) -> int:
+    """The pid KillWorkerOnce wrote to `marker`, after checking that the process is really gone."""
+    with open(marker) as file:
+        pid = int(file.read())
+    assert process_gone(pid, timeout_s=timeout_s), f"the killed worker {pid} is still running"
+    return pid
+
+
+def process_gone(pid: int, started: float | None = None, timeout_s: float = 60.0) -> bool:
+    """Whether process `pid` ends within `timeout_s` (a pid the system gave to a newer process counts as gone when
+    `started`, the create time of the process that was meant, is given)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE or (started is not None and process.create_time() != started):
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def process_identity(pid: int | None = None) -> tuple[int, float]:
+    """(pid, create time): names one process even after the system gives its pid to another."""
+    import psutil
+
+    process = psutil.Process(pid or os.getpid())
+    return process.pid, process.create_time()
+
+
+class WorkerPids(TrainerCallback):
+    """Records rank 0's process at every train/evaluate/predict as (pid, create time); the driver sees rank 0's
+    list after each call."""
+
+    def __init__(self):
+        self.processes: list[tuple[int, float]] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for pid, _ in self.processes]
+
+    def _record(self):
+        self.processes.append(process_identity())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._record()
+
+    def on_predict(self, args, state, control, **kwargs):
+        self._record()
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports that were free a moment ago (bound to port 0 together, then released). Another
+    program may take one before the caller binds it: callers retry with fresh ports (`retry_on_taken_port`)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def retry_on_taken_port(start, attempts: int = 3, taken=("address already in use", "eaddrinuse")):
+    """`start(port)` with a fresh free port, again (up to `attempts` times) when it fails because the port was
+    taken in the meantime; any other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return start(free_port())
+        except Exception as error:  # noqa: BLE001 - only a taken port is retried
+            if attempt == attempts - 1 or not any(text in str(error).lower() for text in taken):
+                raise

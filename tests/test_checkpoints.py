@@ -5,7 +5,7 @@ import os
 import pytest
 import transformers
 
-from helpers import RegressionModel, regression_dataset
+from helpers import RegressionModel, regression_dataset, training_settings
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -14,10 +14,9 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, learning_rate=0.05,
-                  logging_steps=2, max_steps=12, save_steps=4, report_to=[], disable_tqdm=True, warmup_steps=2)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"per_device_train_batch_size": 4, "learning_rate": 0.05,
+                                                "logging_steps": 2, "max_steps": 12, "save_strategy": "steps",
+                                                "save_steps": 4, "warmup_steps": 2, **overrides})
 
 
 def test_checkpoint_layout_rotation_and_resume_match_an_uninterrupted_run(tmp_path):

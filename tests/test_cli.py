@@ -1,6 +1,7 @@
 """`raytrainer train CONFIG.yaml`: config parsing, overrides, clear errors, and building model and data.
 
-These tests never start Ray: every check here must fail fast on the driver.
+These tests never start Ray: every check here must fail fast on the driver (`no_ray_start` makes connecting to Ray
+or starting workers raise in each of them).
 """
 
 import json
@@ -16,6 +17,7 @@ from raytrainer.cli.config import ConfigError, load_job_config
 from raytrainer.cli.build import build_training_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
+pytestmark = pytest.mark.usefixtures("no_ray_start")
 TINY_GPT2 = "{model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 64}"
 
 
@@ -165,14 +167,10 @@ def test_missing_text_column_lists_columns(job_folder):
 
 
 def test_main_reports_errors_without_starting_ray(job_folder, capsys):
-    import ray
-
-    already_running = ray.is_initialized()  # other tests of the session may have started Ray
     assert main(["train", str(job_folder / "job.yaml"), "--set", "training.bogus=1"]) == 2
     assert "raytrainer: error:" in capsys.readouterr().err
     assert main(["train", str(job_folder / "job.yaml"), "--dry-run"]) == 0
     assert "GPT2LMHeadModel" in capsys.readouterr().out
-    assert ray.is_initialized() == already_running
 
 
 def test_parquet_csv_and_save_to_disk_data(tmp_path, tokenizer_dir):

@@ -1,21 +1,17 @@
 """Data in every form the Trainer accepts: datasets (Arrow), torch map/iterable datasets, Ray Data streams."""
 
-import numpy as np
 import pytest
 import torch
 import transformers
 
-from helpers import RegressionModel, TorchRegressionDataset, regression_dataset
+from helpers import RegressionModel, TorchRegressionDataset, regression_dataset, training_settings
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.backend.data_transport import ArrowDataset, DatasetSender, rebuild
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, learning_rate=0.05,
-                  logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"learning_rate": 0.05, **overrides})
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -59,17 +55,41 @@ def test_iterable_dataset_on_two_workers_matches_transformers(tmp_path):
     assert_weights_close(theirs.model, ours.model, tol=1e-5)
 
 
+class RecordRows:
+    """A data collator that appends the row ids of each batch to `folder/rank-<rank>.txt` (the rows a rank trained on)."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __call__(self, rows):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(f"{self.folder}/rank-{rank}.txt", "a") as file:
+            file.write("".join(f"{row['id']}\n" for row in rows))
+        return {"x": torch.tensor([row["x"] for row in rows]), "labels": torch.tensor([row["labels"] for row in rows])}
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_ray_data_stream_trains_on_two_workers(tmp_path):
+def test_ray_data_stream_is_split_between_the_two_workers_every_epoch(tmp_path):
     import ray.data
 
-    data = regression_dataset(256)
-    stream = ray.data.from_items([{"x": float(x), "labels": float(y)} for x, y in zip(data["x"], data["labels"])])
+    data = regression_dataset(64)
+    stream = ray.data.from_items([{"id": i, "x": float(x), "labels": float(y)}
+                                  for i, (x, y) in enumerate(zip(data["x"], data["labels"]))])
+    epochs, per_epoch = 3, 64 // (2 * 8)  # 2 workers x batch 8: 4 steps per epoch
     ours = Trainer(model=RegressionModel(), args=TrainingArguments(**settings(
-        tmp_path, "rt", max_steps=30, num_workers=2, per_device_train_batch_size=8, learning_rate=0.1)),
-        train_dataset=stream)
+        tmp_path, "rt", max_steps=epochs * per_epoch, num_workers=2, learning_rate=0.3, remove_unused_columns=False)),
+        train_dataset=stream, data_collator=RecordRows(tmp_path))
     output = ours.train()
-    losses = [e["loss"] for e in ours.state.log_history if "loss" in e]
-    assert output.global_step == 30 and len(losses) == 30
-    assert np.mean(losses[-5:]) < 0.3 * np.mean(losses[:5])
-    assert ours.model.a.item() == pytest.approx(2.0, abs=0.6)
+    assert output.global_step == epochs * per_epoch
+    seen = [[int(i) for i in (tmp_path / f"rank-{rank}.txt").read_text().split()] for rank in (0, 1)]
+    assert [len(rows) for rows in seen] == [epochs * 32] * 2  # each rank: half the rows, every epoch
+    for epoch in range(epochs):
+        shards = [set(rows[epoch * 32:(epoch + 1) * 32]) for rows in seen]
+        assert not shards[0] & shards[1], epoch  # disjoint
+        assert shards[0] | shards[1] == set(range(64)), epoch  # every row once per epoch
+    def mse(model):  # on every row
+        return torch.nn.functional.mse_loss(model(torch.tensor(data["x"]))[0], torch.tensor(data["labels"])).item()
+
+    assert mse(ours.model) < 0.5 * mse(RegressionModel()), (mse(ours.model), mse(RegressionModel()))  # it trained

@@ -241,7 +241,8 @@ def test_a_transformers_trainer_and_a_raytrainer_live_in_one_process(tmp_path):
     first = transformers_trainer("hf1")  # transformers before raytrainer
     first.train()
     first_eval = first.evaluate()
-    ours = Trainer(model=copy.deepcopy(model), args=TrainingArguments(**settings(tmp_path, "rt")),
+    # a plain transformers.TrainingArguments works too (the Ray fields take their defaults: one CPU worker)
+    ours = Trainer(model=copy.deepcopy(model), args=transformers.TrainingArguments(**settings(tmp_path, "rt")),
                    train_dataset=data, eval_dataset=held_out)
     ours.train()
     assert ours.evaluate()["eval_loss"] == pytest.approx(first_eval["eval_loss"], rel=1e-5)

@@ -11,7 +11,7 @@ import time
 import pytest
 import ray
 import torch
-from transformers import GPT2LMHeadModel, TrainerCallback
+from transformers import DataCollatorForSeq2Seq, GPT2LMHeadModel, TrainerCallback
 
 from _iterative_fixtures import arguments, arithmetic, gpt2, t5, tokenizer
 from actors.generator import completion_tokens
@@ -87,7 +87,7 @@ def test_seq2seq_model_steps_and_generates_on_actors(make_trainer):
     assert trainer.generate(TEXTS, do_sample=False, max_new_tokens=3).weight_version == 1
 
 
-def test_bad_arguments_fail_on_the_driver_before_actors_start(make_trainer, tmp_path):
+def test_bad_arguments_fail_on_the_driver_before_actors_start(make_trainer, tmp_path, no_worker_start):
     with pytest.raises(ValueError, match="truncation_mode='middle'"):
         IterativeSFTTrainer(gpt2(), arguments(tmp_path), tokenizer(), truncation_mode="middle")
     with pytest.raises(ValueError, match="same argument"):
@@ -182,28 +182,41 @@ def test_killed_generator_process_is_restarted_with_the_latest_weights(make_trai
 
 
 def test_resume_continues_after_the_last_completed_round(make_trainer, tmp_path):
-    first = make_trainer(save_strategy="steps", save_steps=1, save_total_limit=1)
-    first.train(TEXTS, length_reward, 2, samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3})
-    checkpoint = tmp_path / "checkpoint-4"  # 8 kept samples / batch 4 = 2 optimizer steps per round
-    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]  # checkpoint-2 rotated away
+    """An uninterrupted 3-round run saves a checkpoint per round; a new trainer resumed from the one after round 2
+    generates round 2 only and ends with the uninterrupted run's weights (a restart from scratch would not)."""
+    saving = dict(save_strategy="steps", save_steps=1, save_total_limit=2)
+    run = dict(samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3})
+    straight = make_trainer(**saving)
+    straight.train(TEXTS, length_reward, 3, **run)
+    # 8 kept samples / batch 4 = 2 optimizer steps per round; checkpoint-2 rotated away by save_total_limit=2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    checkpoint = tmp_path / "checkpoint-4"
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
         p.name for p in checkpoint.iterdir()}
-    trained = {k: v.clone() for k, v in first.model.state_dict().items()}
-    first.shutdown()
+    expected = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    expected_history = [(h["round"], h["reward_mean"], h["loss"]) for h in straight.history]
+    straight.shutdown()
+    written = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in (tmp_path / "rollouts").iterdir()}
+    assert len(written) == 3
 
-    second = make_trainer(save_strategy="steps", save_steps=1)
-    history = second.train(TEXTS, length_reward, 3, samples_per_prompt=2, generation_kwargs={"max_new_tokens": 3},
-                           resume_from_checkpoint=True)
+    logged = []
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(logs["round"])
+
+    resumed = make_trainer(**saving)
+    resumed.add_callback(Record())
+    history = resumed.train(TEXTS, length_reward, 3, resume_from_checkpoint=str(checkpoint), **run)
+    assert logged == [2]  # only the round after the checkpoint ran
     assert [h["round"] for h in history] == [0, 1, 2]
+    for h, (round_index, reward_mean, loss) in zip(history, expected_history):
+        assert (h["reward_mean"], h["loss"]) == (reward_mean, pytest.approx(loss, rel=1e-6)), round_index
     assert history[2]["rollout_weight_version"] == 2 and history[2]["global_step"] == 6
-    second_rollouts = read_rollouts(tmp_path)
-    assert sorted(set(second_rollouts.column("round").to_pylist())) == [0, 1, 2]
-    # the resumed run started from the checkpointed weights, not the fresh model it was given
-    resumed = make_trainer()
-    resumed._start()
-    resumed._resume(str(checkpoint))
-    for name, value in resumed.model.state_dict().items():
-        assert torch.equal(value, trained[name]), name
+    now = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in (tmp_path / "rollouts").iterdir()}
+    assert [name for name in sorted(now) if now[name] != written[name]] == ["round-000002.parquet"]
+    for name, value in resumed.model.state_dict().items():  # the resumed run's own final weights
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_model_property_and_save_model(make_trainer, tmp_path):
@@ -228,10 +241,17 @@ def test_evaluate_scores_the_trained_weights(make_trainer):
         return {"rows": len(prediction.predictions)}
 
     trainer.compute_metrics = compute_metrics
+    def loss_of(model):  # the 4 rows are one evaluation batch (per_device_eval_batch_size=8)
+        rows = [dataset[i] for i in range(len(dataset))]
+        with torch.no_grad():
+            return model.eval()(**DataCollatorForSeq2Seq(tokenizer(), label_pad_token_id=-100)(rows)).loss.item()
+
     before = trainer.evaluate(dataset)
+    assert before["eval_loss"] == pytest.approx(loss_of(gpt2()), rel=1e-5)
     trainer.step(texts=TEXTS, texts_labels=LABELS)
     after = trainer.evaluate(dataset)
-    assert after["eval_loss"] != before["eval_loss"] and after["eval_rows"] == 4
+    assert after["eval_loss"] == pytest.approx(loss_of(trainer.model), rel=1e-5)
+    assert abs(after["eval_loss"] - before["eval_loss"]) > 1e-3 and after["eval_rows"] == 4 and seen[-1][0] == 4
 
 
 def test_arithmetic_example_learns_in_a_few_rounds(ray_session, tmp_path):

@@ -8,12 +8,14 @@ import copy
 import math
 import pickle
 import threading
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _iterative_fixtures import arguments, gpt2, t5, tokenizer
+from helpers import retry_on_taken_port
 from actors.rollouts import KeepRule, read_rollouts, write_rollouts
 from actors.sampling import can_share_prefill, sample_with_shared_prefill
 from actors.weights import WeightBroadcastGroup
@@ -188,20 +190,24 @@ def test_broadcast_group_sends_weights_over_gloo(tmp_path):
     """The NCCL path's code, run with gloo between two threads (ranks)."""
     sender, receiver = gpt2(seed=1), gpt2(seed=2)
     layout = weight_layout(sender.state_dict())
-    port = 29000 + (hash(str(tmp_path)) % 2000)
-    errors = []
 
-    def rank(index):
-        try:
-            group = WeightBroadcastGroup("127.0.0.1", port, index, 2, "gloo")
-            group.send(sender, layout) if index == 0 else group.receive(receiver, layout)
-        except Exception as error:  # surfaced below
-            errors.append(error)
+    def exchange(port):
+        errors = {}
 
-    threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
-    [t.start() for t in threads]
-    [t.join(60) for t in threads]
-    assert not errors
+        def rank(index):
+            try:
+                group = WeightBroadcastGroup("127.0.0.1", port, index, 2, "gloo", timeout=timedelta(seconds=60))
+                group.send(sender, layout) if index == 0 else group.receive(receiver, layout)
+            except Exception as error:  # surfaced below
+                errors[index] = error
+
+        threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
+        [t.start() for t in threads]
+        [t.join(90) for t in threads]
+        if errors:
+            raise errors.get(0, errors.get(1))  # rank 0's first: it binds the port
+
+    retry_on_taken_port(exchange)  # rank 0's store binds the port: another program may have taken it meanwhile
     for a, b in zip(sender.state_dict().values(), receiver.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -11,7 +11,7 @@ import pytest
 import transformers
 from transformers import EvalPrediction
 
-from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2
+from helpers import RegressionModel, lm_dataset, regression_dataset, tiny_gpt2, training_settings
 from parity import assert_logs_close, assert_weights_close, run_raytrainer, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def args_for(tmp_path, name, **overrides):
-    settings = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, learning_rate=0.1,
-                    logging_steps=1, num_train_epochs=3, report_to=[], save_strategy="no", disable_tqdm=True)
-    settings.update(overrides)
-    return settings
+    return training_settings(tmp_path, name, **{"num_train_epochs": 3, **overrides})
 
 
 @pytest.mark.parametrize("overrides", [

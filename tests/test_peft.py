@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import lm_dataset, tiny_gpt2
+from helpers import lm_dataset, tiny_gpt2, training_settings
 from parity import assert_logs_close, assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
@@ -20,10 +20,8 @@ def lora_model():
 
 
 def settings(tmp_path, name, **overrides):
-    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, learning_rate=5e-3,
-                  logging_steps=1, max_steps=8, report_to=[], save_strategy="steps", save_steps=4, disable_tqdm=True)
-    values.update(overrides)
-    return values
+    return training_settings(tmp_path, name, **{"learning_rate": 5e-3, "max_steps": 8, "save_strategy": "steps",
+                                                "save_steps": 4, **overrides})
 
 
 def adapter_weights(model) -> dict[str, torch.Tensor]:

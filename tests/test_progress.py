@@ -35,12 +35,17 @@ def test_disable_tqdm_prints_only_the_logs():
     assert len(lines) == 4 and all(line.startswith("{'loss'") for line in lines)
 
 
-def test_terminal_gets_a_progress_bar():
+def test_terminal_gets_a_progress_bar(capsys):
     stream = Terminal()
     progress = DriverProgress(disable_tqdm=False, stream=stream)
     progress(("progress", 1, 10))
-    assert progress.bar is not None and progress.bar.total == 10
+    progress(("progress", 4, 10))
+    assert progress.bar is not None and (progress.bar.n, progress.bar.total) == (4, 10)
+    progress(("log", {"loss": 0.5, "step": 4}))
     progress.close()
+    bar = capsys.readouterr().err  # tqdm draws on stderr, as transformers' own bar does
+    assert "train" in bar and "4/10" in bar, bar
+    assert stream.getvalue() == "{'loss': '0.5'}\n"  # logs go above the bar; no periodic step lines
 
 
 def test_format_logs_like_transformers():

@@ -111,12 +111,14 @@ def test_gpt2_matches_transformers_and_saves_a_loadable_model(tmp_path):
 
 
 def test_dict_eval_dataset_prefixes_metrics_per_key(tmp_path):
+    eval_dataset = {"small": regression_dataset(5), "other": regression_dataset(7, seed=3)}
+    theirs = transformers.Trainer(model=RegressionModel(1.0, 1.0), eval_dataset=eval_dataset, compute_metrics=mae,
+                                  args=transformers.TrainingArguments(**settings(tmp_path, "hf"))).evaluate()
     ours = Trainer(model=RegressionModel(1.0, 1.0), args=TrainingArguments(**settings(tmp_path, "rt")),
-                   eval_dataset={"small": regression_dataset(5), "other": regression_dataset(7, seed=3)},
-                   compute_metrics=mae)
+                   eval_dataset=eval_dataset, compute_metrics=mae)
     metrics = ours.evaluate()
-    assert {"eval_small_loss", "eval_small_mae", "eval_other_loss", "eval_other_mae"} <= set(metrics)
-    assert metrics["eval_small_loss"] != metrics["eval_other_loss"]
+    keys = ("eval_small_loss", "eval_small_mae", "eval_other_loss", "eval_other_mae")
+    assert [metrics[k] for k in keys] == pytest.approx([theirs[k] for k in keys], rel=1e-6)
 
 
 def test_early_stopping_stops_all_workers_like_transformers(tmp_path):

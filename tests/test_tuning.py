@@ -10,7 +10,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from transformers import TrainerCallback
 
 from _tuning_fixtures import make_trainer
-from helpers import KillWorkerOnce
+from helpers import KillWorkerOnce, WorkerPids, killed_pid
 from raytrainer import BestRun
 from raytrainer.tune.pool import MORE_GROUPS_AFTER_S
 
@@ -25,13 +25,14 @@ def learning_rates(*values):
 
 @pytest.fixture(scope="module")
 def lr_search(ray_session, tmp_path_factory):
+    """One search shared by the tests below; it is read only: a test that trains or loads builds its own Trainer
+    (which takes over the search's idle worker group), so no test sees another's changes."""
     trainer = make_trainer(tmp_path_factory.mktemp("lr_search"))
-    best = trainer.hyperparameter_search(hp_space=learning_rates(SLOW_LR, GOOD_LR, WILD_LR), n_trials=1)
-    return trainer, best
+    return trainer.hyperparameter_search(hp_space=learning_rates(SLOW_LR, GOOD_LR, WILD_LR), n_trials=1)
 
 
 def test_search_finds_known_best_learning_rate(lr_search):
-    trainer, best = lr_search
+    best = lr_search
     assert isinstance(best, BestRun)
     assert best.hyperparameters == {"learning_rate": GOOD_LR}
     trials = best.run_summary.trials
@@ -42,8 +43,8 @@ def test_search_finds_known_best_learning_rate(lr_search):
     assert all(t.last_result["objective"] == t.last_result["eval_loss"] for t in trials)  # default objective
 
 
-def test_best_run_checkpoint_loads_a_model_with_the_reported_objective(lr_search):
-    trainer, best = lr_search
+def test_best_run_checkpoint_loads_a_model_with_the_reported_objective(lr_search, tmp_path):
+    trainer, best = make_trainer(tmp_path), lr_search
     assert best.checkpoint is not None
     model = best.load_model(trainer)
     assert trainer.model is model
@@ -73,24 +74,14 @@ class RecordResults(tune.Callback):
         self.by_trial.setdefault(trial.trial_id, []).append((result["step"], result["objective"]))
 
 
-def test_train_again_with_the_best_hyperparameters(lr_search):
-    trainer, best = lr_search
+def test_train_again_with_the_best_hyperparameters(lr_search, tmp_path):
+    trainer, best = make_trainer(tmp_path), lr_search
     best.apply_to(trainer)
     assert trainer.args.learning_rate == GOOD_LR
     trainer.train(trial=best.hyperparameters)
     last_evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry][-1]
     assert last_evaluation["step"] == 20
     assert last_evaluation["eval_loss"] == pytest.approx(best.objective, rel=1e-6)  # same seed, same run
-
-
-class WorkerPid(TrainerCallback):
-    """Rank 0's process id at each evaluation (the driver sees it in the callback's state after a call)."""
-
-    def __init__(self):
-        self.pids = []
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
 
 
 def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_others(ray_session, tmp_path):
@@ -103,7 +94,7 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
             raise ValueError("the loss exploded")
         return metrics["eval_loss"]
 
-    evaluations = WorkerPid()
+    evaluations = WorkerPids()  # rank 0's process at each call of the Trainer's own
     trainer = make_trainer(tmp_path, callbacks=[evaluations])
     trainer.evaluate()  # starts the Trainer's warm worker group
     warm_pid = evaluations.pids[-1]
@@ -133,7 +124,7 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_last_checkpoint(ray_ses
     trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[undisturbed])
     marker.unlink()  # the second search's worker dies at step 5, after the checkpoint of step 4
     best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, callbacks=[resumed])
-    assert marker.read_text().isdigit()  # a worker really was killed
+    assert killed_pid(str(marker))  # a worker really was killed
     (reference,), (results,) = undisturbed.by_trial.values(), resumed.by_trial.values()
     # Ray Train restarted the group and the trial went on from step 4: every evaluation once, the same numbers.
     assert [step for step, _ in results] == [step for step, _ in reference] == list(range(2, 21, 2))
@@ -142,35 +133,46 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_last_checkpoint(ray_ses
     assert best.run_summary.trials[0].status == "TERMINATED"
 
 
-class TrialTimes(tune.Callback):
-    """When each trial started and ended running (driver clock)."""
+class TrialStarts(tune.Callback):
+    """When each trial started (driver clock); the start of the SLOW_LR trial also leaves a file in `folder`."""
 
-    def __init__(self):
-        self.started, self.ended = {}, {}
+    def __init__(self, folder):
+        self.folder, self.started = str(folder), {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started.setdefault(trial.trial_id, time.monotonic())
+        self.started.setdefault(trial.config["learning_rate"], time.monotonic())
+        if trial.config["learning_rate"] == SLOW_LR:
+            open(os.path.join(self.folder, "second-started"), "w").close()
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = time.monotonic()
 
+class HoldUntilTheNextTrialStarts(TrainerCallback):
+    """The GOOD_LR trial steps slowly (0.5 s) until the SLOW_LR trial has started, and at its last step waits up to
+    120 s for it; it writes the step at which it saw the other trial start. No timing decides the outcome: the
+    other trial either starts while this one still holds its group, or the test fails."""
 
-class SlowSteps(TrainerCallback):
-    """Makes the trials with GOOD_LR slow: 20 steps of 0.75 s."""
+    def __init__(self, folder):
+        self.folder = str(folder)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if args.learning_rate == GOOD_LR:
-            time.sleep(0.75)
+        started, seen = (os.path.join(self.folder, name) for name in ("second-started", "seen-at-step"))
+        if args.learning_rate != GOOD_LR or os.path.exists(seen):
+            return
+        deadline = time.monotonic() + (120.0 if state.global_step == state.max_steps - 1 else 0.5)
+        while not os.path.exists(started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if os.path.exists(started):
+            with open(seen, "w") as file:
+                file.write(str(state.global_step))
 
 
 def test_a_trial_that_holds_its_group_long_lets_the_next_trials_start_beside_it(ray_session, tmp_path):
-    trainer = make_trainer(tmp_path, callbacks=[SlowSteps()])
-    times = TrialTimes()
-    best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, SLOW_LR), n_trials=1, callbacks=[times])
-    first, second = sorted(times.started, key=times.started.get)
+    trainer = make_trainer(tmp_path, callbacks=[HoldUntilTheNextTrialStarts(tmp_path)])
+    starts = TrialStarts(tmp_path)
+    best = trainer.hyperparameter_search(hp_space=learning_rates(GOOD_LR, SLOW_LR), n_trials=1, callbacks=[starts])
     # Tune starts with one trial (its actor process is costly); once that trial has held its group for
-    # MORE_GROUPS_AFTER_S, the next one starts beside it (and waits for a group of its own).
-    assert times.started[first] + MORE_GROUPS_AFTER_S <= times.started[second] < times.ended[first], times.__dict__
+    # MORE_GROUPS_AFTER_S, the next one starts beside it (and waits for a group of its own), not after it.
+    assert (tmp_path / "seen-at-step").exists(), "the second trial only started after the first one ended"
+    assert starts.started[GOOD_LR] + MORE_GROUPS_AFTER_S <= starts.started[SLOW_LR], starts.started
     assert best.hyperparameters == {"learning_rate": GOOD_LR}
 
 
@@ -193,8 +195,8 @@ class ListSearcher(Searcher):
 
 
 @pytest.mark.parametrize("limited", [False, True])
-def test_a_search_algorithm_of_the_users_suggests_the_trials(lr_search, limited):
-    trainer, _ = lr_search
+def test_a_search_algorithm_of_the_users_suggests_the_trials(lr_search, limited, tmp_path):
+    trainer = make_trainer(tmp_path)  # after the shared search: it takes over that search's idle group
     searcher = ListSearcher([SLOW_LR, GOOD_LR])
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=1) if limited else searcher
     best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.loguniform(1e-4, 1.0)},

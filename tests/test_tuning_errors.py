@@ -14,9 +14,13 @@ from raytrainer.tune.results import results_table, trial_score
 from raytrainer.tune.pool import TrialConcurrency
 from raytrainer.tune.checks import fill_metric_and_mode, plan_trial_resources
 from raytrainer.tune.trial_config import apply_hyperparameters
-from _tuning_fixtures import RegressionModel, make_trainer, regression_data
+from _tuning_fixtures import make_trainer
+from helpers import RegressionModel, regression_dataset
 
 
+# Each search must fail before a trial (or any worker) starts, also when an earlier test left Ray running; the checks
+# that need no cluster resources must fail before Ray is even connected to.
+pytestmark = pytest.mark.usefixtures("no_worker_start")
 LR_SPACE = lambda trial: {"learning_rate": tune.loguniform(1e-4, 1e-1)}  # noqa: E731
 
 
@@ -26,66 +30,66 @@ def search_error(trainer, match, error=ValueError, **kwargs):
         trainer.hyperparameter_search(n_trials=2, **kwargs)
 
 
-def test_needs_model_init(tmp_path):
+def test_needs_model_init(tmp_path, no_ray_start):
     trainer = Trainer(model=RegressionModel(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"),
-                      train_dataset=regression_data(16, 0), eval_dataset=regression_data(8, 1))
+                      train_dataset=regression_dataset(16, 0), eval_dataset=regression_dataset(8, 1))
     search_error(trainer, "needs `model_init`", RuntimeError)
 
 
-def test_other_backends_are_refused(tmp_path):
+def test_other_backends_are_refused(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "backend='optuna' is not available", backend="optuna")
 
 
-def test_direction_must_be_minimize_or_maximize(tmp_path):
+def test_direction_must_be_minimize_or_maximize(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "direction='up' is invalid", direction="up")
     search_error(make_trainer(tmp_path), "direction=.* is invalid", direction=["minimize", "maximize"])
 
 
-def test_hp_space_must_return_a_dict(tmp_path):
+def test_hp_space_must_return_a_dict(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "hp_space returned list", TypeError,
                  hp_space=lambda trial: [tune.uniform(0, 1)])
 
 
-def test_unknown_search_space_key_is_an_error_with_a_suggestion(tmp_path):
+def test_unknown_search_space_key_is_an_error_with_a_suggestion(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "'learning_rat' \\(did you mean 'learning_rate'\\?\\)",
                  hp_space=lambda trial: {"learning_rat": tune.uniform(0, 1)})
 
 
-def test_worker_layout_cannot_be_searched(tmp_path):
+def test_worker_layout_cannot_be_searched(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "num_workers", hp_space=lambda trial: {"num_workers": tune.choice([1, 2])})
 
 
-def test_scope_must_be_last_or_all(tmp_path):
+def test_scope_must_be_last_or_all(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "scope='best' is invalid", scope="best")
 
 
-def test_n_trials_must_be_positive(tmp_path):
+def test_n_trials_must_be_positive(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="n_trials=0 is invalid"):
         make_trainer(tmp_path).hyperparameter_search(hp_space=LR_SPACE, n_trials=0)
 
 
-def test_max_concurrent_trials_must_be_a_whole_number_of_one_or_more(tmp_path):
+def test_max_concurrent_trials_must_be_a_whole_number_of_one_or_more(tmp_path, no_ray_start):
     for limit in (0, -2, 1.5):
         search_error(make_trainer(tmp_path), f"max_concurrent_trials={limit} is invalid", max_concurrent_trials=limit)
 
 
-def test_needs_an_eval_dataset(tmp_path):
+def test_needs_an_eval_dataset(tmp_path, no_ray_start):
     trainer = make_trainer(tmp_path, eval_strategy="no")
     trainer.eval_dataset = None
     search_error(trainer, "needs an eval_dataset")
 
 
-def test_early_stopping_scheduler_needs_evaluation_during_training(tmp_path):
+def test_early_stopping_scheduler_needs_evaluation_during_training(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path, eval_strategy="no"), "eval_strategy='no'",
                  scheduler=ASHAScheduler(max_t=4))
 
 
-def test_scheduler_metric_that_is_never_reported(tmp_path):
+def test_scheduler_metric_that_is_never_reported(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "metric='eval_accuracy', which trials never report",
                  scheduler=MedianStoppingRule(metric="eval_accuracy", mode="max"))
 
 
-def test_tune_arguments_that_would_break_trials(tmp_path):
+def test_tune_arguments_that_would_break_trials(tmp_path, no_ray_start):
     search_error(make_trainer(tmp_path), "num_samples", num_samples=3)
     search_error(make_trainer(tmp_path), "metric='eval_loss'", metric="eval_loss")
 
@@ -95,7 +99,7 @@ class CallbackWithLock(TrainerCallback):
         self.lock = threading.Lock()
 
 
-def test_unpicklable_callback_is_named(tmp_path):
+def test_unpicklable_callback_is_named(tmp_path, no_ray_start):
     trainer = make_trainer(tmp_path)
     trainer.add_callback(CallbackWithLock())
     search_error(trainer, "CallbackWithLock", TypeError)
@@ -134,7 +138,7 @@ def test_scheduler_gets_objective_and_mode_but_keeps_its_own():
     assert (own.metric, own._mode) == ("eval_loss", "min")
 
 
-def test_hyperparameters_are_cast_like_transformers(tmp_path):
+def test_hyperparameters_are_cast_like_transformers(tmp_path, no_ray_start):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     trial_args = apply_hyperparameters(args, {"seed": 7.9, "learning_rate": 0.01, "num_train_epochs": 2},
                                        output_dir=str(tmp_path / "run-x"))

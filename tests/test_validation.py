@@ -10,34 +10,38 @@ import transformers
 from helpers import RegressionModel, regression_dataset
 from raytrainer import Trainer, TrainingArguments
 
+# Each check must raise before any worker starts, also when an earlier test left Ray or an idle group running; the
+# ones that need no cluster resources must raise before Ray is even connected to.
+pytestmark = pytest.mark.usefixtures("no_worker_start")
+
 
 def args(tmp_path, **overrides):
     return TrainingArguments(str(tmp_path / "out"), report_to=[], disable_tqdm=True, **overrides)
 
 
-def test_train_without_train_dataset(tmp_path):
+def test_train_without_train_dataset(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="training requires a train_dataset"):
         Trainer(model=RegressionModel(), args=args(tmp_path)).train()
 
 
-def test_evaluate_without_eval_dataset(tmp_path):
+def test_evaluate_without_eval_dataset(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="evaluation requires an eval_dataset"):
         Trainer(model=RegressionModel(), args=args(tmp_path)).evaluate()
 
 
-def test_dataset_missing_a_required_model_input(tmp_path):
+def test_dataset_missing_a_required_model_input(tmp_path, no_ray_start):
     data = regression_dataset(8).rename_column("x", "feature")
     with pytest.raises(ValueError, match=r"no \['x'\], which the model's forward requires"):
         Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=data).train()
 
 
-def test_dataset_without_labels_cannot_train(tmp_path):
+def test_dataset_without_labels_cannot_train(tmp_path, no_ray_start):
     data = regression_dataset(8).remove_columns("labels")
     with pytest.raises(ValueError, match=r"no label \['labels'\]"):
         Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=data).train()
 
 
-def test_a_collator_that_fails_is_named(tmp_path):
+def test_a_collator_that_fails_is_named(tmp_path, no_ray_start):
     def broken(rows):
         raise KeyError("input_ids")
 
@@ -46,7 +50,7 @@ def test_a_collator_that_fails_is_named(tmp_path):
                 data_collator=broken).train()
 
 
-def test_ray_fields_are_validated(tmp_path):
+def test_ray_fields_are_validated(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="num_workers=0 is invalid: use a whole number >= 1"):
         args(tmp_path, num_workers=0)
     with pytest.raises(ValueError, match="placement_strategy='EVERYWHERE' is invalid"):
@@ -57,7 +61,7 @@ def test_ray_fields_are_validated(tmp_path):
         args(tmp_path, worker_idle_timeout=-1)
 
 
-def test_fp16_on_cpu_workers(tmp_path):
+def test_fp16_on_cpu_workers(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="fp16=True needs GPUs"):
         Trainer(model=RegressionModel(), args=args(tmp_path, use_gpu=False, fp16=True),
                 train_dataset=regression_dataset(8)).train()
@@ -89,7 +93,7 @@ def test_more_workers_or_gpus_than_the_cluster_has(tmp_path, ray_session):
                 train_dataset=regression_dataset(8)).train()
 
 
-def test_resume_from_a_folder_that_is_no_checkpoint(tmp_path):
+def test_resume_from_a_folder_that_is_no_checkpoint(tmp_path, no_ray_start):
     trainer = Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=regression_dataset(8))
     with pytest.raises(ValueError, match="Can't find a valid checkpoint at .*nowhere"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
@@ -97,7 +101,7 @@ def test_resume_from_a_folder_that_is_no_checkpoint(tmp_path):
         trainer.train(resume_from_checkpoint=True)
 
 
-def test_errors_raised_by_transformers_come_from_transformers(tmp_path):
+def test_errors_raised_by_transformers_come_from_transformers(tmp_path, no_ray_start):
     """The same construction mistakes give transformers' exception and message (the constructor is its own)."""
     model = RegressionModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -1,36 +1,17 @@
 """A Trainer keeps its Ray Train worker group warm between calls, and releases it when told, idle or collected."""
 
 import gc
-import os
 import time
 
 import numpy as np
 import pytest
 import transformers
-from transformers import TrainerCallback
 
-from helpers import RegressionModel, regression_dataset
+from helpers import KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, process_gone, regression_dataset
 from parity import assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from helpers import KillWorkerOnce
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class WorkerPids(TrainerCallback):
-    """Records rank 0's process id at every train/evaluate/predict (the driver sees rank 0's list)."""
-
-    def __init__(self):
-        self.pids = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
-
-    def on_predict(self, args, state, control, **kwargs):
-        self.pids.append(os.getpid())
 
 
 def build_model():
@@ -43,15 +24,8 @@ def common(**overrides):
     return {**values, **overrides}
 
 
-def wait_until_gone(pid: int, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
+def wait_until_gone(process: tuple[int, float], timeout_s: float = 60.0) -> bool:
+    return process_gone(*process, timeout_s=timeout_s)
 
 
 def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tmp_path):
@@ -75,9 +49,15 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
         prediction = ours.predict(held_out)
         assert comparable(evaluation) == pytest.approx(comparable(their_eval), rel=1e-5)
         np.testing.assert_allclose(prediction.predictions, their_prediction.predictions, rtol=1e-5)
-        assert len(pids.pids) == 4 and len(set(pids.pids)) == 1, pids.pids  # one worker process served every call
-        worker_pid = pids.pids[0]
-    assert wait_until_gone(worker_pid), "closing the Trainer must end its worker processes"
+        assert len(pids.processes) == 4 and len(set(pids.processes)) == 1, pids.processes  # one process served all
+        worker = pids.processes[0]
+        # Another Trainer of the same worker layout takes over the idle group instead of starting one.
+        other_pids = WorkerPids()
+        other = Trainer(model=RegressionModel(), args=args, eval_dataset=held_out, callbacks=[other_pids])
+        other.evaluate()
+        assert other_pids.processes == [worker] and ours._raytrainer_workers.group is None
+        other.close()
+    assert wait_until_gone(worker), "closing the Trainer that holds the group must end its worker processes"
 
 
 def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
@@ -87,16 +67,16 @@ def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
     trainer.train()
     trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(max_steps=3))
     trainer.train()  # a different worker group shape: the old group is released, a new one starts
-    assert pids.pids[0] != pids.pids[1]
-    assert wait_until_gone(pids.pids[0])
+    assert pids.processes[0] != pids.processes[1]
+    assert wait_until_gone(pids.processes[0])
     trainer.close()
-    assert wait_until_gone(pids.pids[1])
+    assert wait_until_gone(pids.processes[1])
     trainer.evaluate(regression_dataset(8))  # a closed Trainer starts workers again when called
-    assert pids.pids[2] not in pids.pids[:2]
-    pid = pids.pids[2]
+    assert pids.processes[2] not in pids.processes[:2]
+    worker = pids.processes[2]
     del trainer
     gc.collect()
-    assert wait_until_gone(pid), "a garbage-collected Trainer must release its workers"
+    assert wait_until_gone(worker), "a garbage-collected Trainer must release its workers"
 
 
 def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp_path):
@@ -105,9 +85,9 @@ def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
                       eval_dataset=regression_dataset(8), callbacks=[pids])
     trainer.train()
-    assert wait_until_gone(pids.pids[0], timeout_s=60)  # idle for 1 s: the workers exit on their own
+    assert wait_until_gone(pids.processes[0], timeout_s=60)  # idle for 1 s: the workers exit on their own
     metrics = trainer.evaluate()
-    assert "eval_loss" in metrics and pids.pids[1] != pids.pids[0]
+    assert "eval_loss" in metrics and pids.processes[1] != pids.processes[0]
     trainer.close()
 
 
@@ -116,7 +96,7 @@ def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
     args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=0, **common(max_steps=3))
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
     trainer.train()
-    assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.pids[0])
+    assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.processes[0])
 
 
 def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_path):
@@ -134,7 +114,7 @@ def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_pat
     trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2, **ours)
     trainer.add_callback(KillWorkerOnce(2, marker))  # step 2 of the second call: before it saved anything
     trainer.train()
-    assert os.path.exists(marker)
+    assert killed_pid(marker)
     assert trainer.state.global_step == 16
     assert_weights_close(theirs.model, trainer.model, tol=1e-6)
     trainer.close()
@@ -161,3 +141,37 @@ def test_an_error_in_a_warm_call_is_reported_and_the_next_call_works(tmp_path):
 def test_bad_idle_timeout_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="worker_idle_timeout"):
         TrainingArguments(str(tmp_path), worker_idle_timeout=-1)
+
+
+def train_worker_processes() -> list:
+    """The live Ray Train worker processes of this session's Ray (children of its raylet), counted with psutil."""
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    found = []
+    for process in raylet.children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+            if command.startswith("ray::RayTrainWorker") and process.status() != psutil.STATUS_ZOMBIE:
+                found.append((process.pid, command))
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_no_worker_group_outlives_its_trainer():
+    """Runs last in this module, before the fixture that closes every group at the module's end: each Trainer
+    above was closed or garbage-collected, so none of their groups may still be open, and no Ray Train worker
+    process of this session's Ray may still run."""
+    from raytrainer.backend import group
+
+    gc.collect()
+    deadline = time.monotonic() + 60
+    while any(g.alive for g in list(group._live_groups)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [g for g in list(group._live_groups) if g.alive] == []
+    deadline = time.monotonic() + 120
+    while train_worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert train_worker_processes() == []
