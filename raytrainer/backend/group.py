@@ -100,8 +100,9 @@ class WorkerGroup:
                 self.outcome["result"] = trainer.fit()
             except BaseException as error:  # reported by run() on the driver's main thread
                 self.outcome["error"] = error
-                try:  # and to whoever else waits on the channel (search trials)
-                    channel.fail.remote(str(WorkerError.from_ray(error)))
+                try:  # and to whoever else waits on the channel (search trials); not once Ray shut down, where
+                    if ray.is_initialized():  # a call would start a new local Ray
+                        channel.fail.remote(str(WorkerError.from_ray(error)))
                 except Exception:  # noqa: BLE001 - Ray is shutting down
                     pass
 
