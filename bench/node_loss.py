@@ -49,8 +49,9 @@ def run_once(health_check_ms: int) -> dict:
 
 def phases(scenario: dict) -> dict[str, float]:
     kill = scenario["kill"]
-    before = [e for e in scenario["events"] if e["time"] < kill]
-    after = [e for e in scenario["events"] if e["time"] >= kill]
+    first = {e["pid"] for e in scenario["events"] if e["event"] == "begin" and e["step"] == 0}
+    before = [e for e in scenario["events"] if e["pid"] in first]  # by process: a survivor may record after the kill
+    after = [e for e in scenario["events"] if e["pid"] not in first]
     trains = [e for e in after if e["event"] == "train"]
     rank0_pid = next(e["pid"] for e in trains if e["rank"] == 0)
     load = sum(e["seconds"] for e in after if e["pid"] == rank0_pid and e["event"] in ("load_model", "load_optimizer"))

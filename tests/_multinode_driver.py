@@ -171,6 +171,9 @@ def main() -> None:
     # Ray Train's placement-group cleaner asks the State API (a dashboard) whether a run's controller still lives;
     # this cluster has no dashboard, and the cleaner must never ask another Ray cluster on the machine instead.
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{unused_port()}"
+    # On a machine shared with other test runs, starting worker processes can take minutes: Ray Train must wait for
+    # them rather than fail the attempt (its default waits 60 s).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     system_config = {"health_check_period_ms": options.health_check_ms, "health_check_timeout_ms":
                      options.health_check_ms, "health_check_failure_threshold": 3} if options.health_check_ms else None
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
@@ -187,6 +190,8 @@ def main() -> None:
         for name in options.scenarios.split(","):
             result[name] = run_scenario(cluster, options.folder, name, storage=name.endswith("storage"))
         result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        with open(os.path.join(options.folder, "result.json"), "w") as file:  # kept for a look after a failure
+            json.dump(result, file)
         print("RESULT " + json.dumps(result), flush=True)
     finally:
         ray.shutdown()

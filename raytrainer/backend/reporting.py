@@ -78,10 +78,10 @@ def restore_point(location: str) -> str:
     if not os.path.isdir(location):
         raise FileNotFoundError(
             f"The checkpoint to resume from after the worker-group restart, {location}, is not on this node "
-            f"({ray.util.get_node_ip_address()}): it was written on the node of the worker that saved it, and the "
-            "restarted workers run elsewhere (that node was lost). Without storage_path, checkpoints stay in "
-            "output_dir on that node. Set storage_path to a folder every node mounts (or s3://...), or output_dir "
-            "to one, so that a group restarted on other nodes resumes from its last checkpoint.")
+            f"({ray.util.get_node_ip_address()}): rank 0 of the attempt before wrote it on another node, in a folder "
+            "this node does not see. Without storage_path, checkpoints stay in output_dir on the node that wrote "
+            "them. Set storage_path to a folder every node mounts (or s3://...), so that a group restarted on "
+            "other nodes resumes from its last checkpoint.")
     return transformers_checkpoint(location)
 
 
