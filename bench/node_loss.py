@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def run_once(health_check_ms: int) -> dict:
     done = subprocess.run([sys.executable, str(DRIVER), folder, "--scenarios", "spread_storage",
                            "--health-check-ms", str(health_check_ms)], env=env, capture_output=True, text=True,
                           timeout=900)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-4000:])
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))

@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -158,6 +159,38 @@ def unused_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_cluster(node_cpus: int, system_config: dict | None, attempts: int = 3) -> tuple[Cluster, list]:
+    """The head (0 CPUs) and three worker nodes. A raylet must register within 30 s (fixed in Ray): on a loaded
+    machine it sometimes does not, and the cluster is started again after ending what the failed start left."""
+    for attempt in range(1, attempts + 1):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=0, include_dashboard=False, _system_config=system_config)
+            nodes = [cluster.add_node(num_cpus=node_cpus) for _ in range(3)]
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except Exception as error:  # noqa: BLE001 - retried below, raised after the last attempt
+            print(f"cluster start {attempt} failed: {error}", file=sys.stderr)
+            try:
+                cluster.shutdown()
+            except Exception:  # noqa: BLE001 - a node that never came up
+                pass
+            end_own_processes()
+            if attempt == attempts:
+                raise
+
+
+def end_own_processes() -> None:
+    """Kill what this cluster started (their command lines name its private RAY_TMPDIR), never anything else."""
+    marker = os.environ["RAY_TMPDIR"]
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder")
@@ -176,11 +209,8 @@ def main() -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     system_config = {"health_check_period_ms": options.health_check_ms, "health_check_timeout_ms":
                      options.health_check_ms, "health_check_failure_threshold": 3} if options.health_check_ms else None
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "_system_config": system_config})
+    cluster, worker_nodes = start_cluster(options.node_cpus, system_config)
     try:
-        worker_nodes = [cluster.add_node(num_cpus=options.node_cpus) for _ in range(3)]
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         from raytrainer.tune.pool import _take_lender
 

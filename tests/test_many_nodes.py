@@ -8,6 +8,7 @@ so that SPREAD is what puts the two workers on two nodes (PACK would put both on
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def run_cluster_driver(folder: Path, *options: str, timeout: float = 900) -> dic
                                               if "PlacementGroupCleaner" not in line)[-6000:]
     assert not left, f"the cluster left processes behind: {[p.info['cmdline'][:2] for p in left]}"
     assert not os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
