@@ -28,7 +28,8 @@ class TrainingArguments(training_args.TrainingArguments):
             from the latest checkpoint. -1 retries forever.
         storage_path: where Ray Train persists copies of the checkpoints (a shared filesystem or `s3://...`);
             set it for multi-node runs. By default the checkpoints stay in `output_dir` and Ray Train keeps
-            only a pointer to them (in `~/ray_results`).
+            only a pointer to them (in `~/ray_results`): a group restarted on other nodes after a lost node then
+            resumes only where `output_dir` is shared by the nodes (else the restart fails, naming the checkpoint).
         ray_address: the Ray cluster to use. `None`: `RAY_ADDRESS`, the job's cluster, or an embedded local Ray.
         worker_idle_timeout: seconds the Trainer keeps its worker group alive between calls (train, evaluate,
             predict reuse it). 0 releases the workers after every call. `trainer.close()`, a `with` block or the

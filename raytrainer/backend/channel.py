@@ -236,10 +236,10 @@ class CommandChannel:
     def is_cancelled(self, seq: int) -> bool:
         return seq in self.cancelled
 
-    def note_checkpoint(self, seq: int, path: str | None = None) -> None:
-        """Command `seq` saved a checkpoint: at `path`, or (None) the one it reported to Ray Train."""
-        self.checkpointed[seq] = path or ""
+    def note_checkpoint(self, seq: int, location: str) -> None:
+        """Command `seq` saved a checkpoint at `location` (a path, or a URI of storage_path)."""
+        self.checkpointed[seq] = location
 
     def checkpoint_of(self, seq: int) -> str | None:
-        """None when command `seq` saved no checkpoint yet; else its path, or "" for Ray Train's latest."""
+        """Where command `seq` saved its latest checkpoint; None when it saved none yet."""
         return self.checkpointed.get(seq)

@@ -124,6 +124,16 @@ def shutdown_embedded_ray() -> None:
         _embedded["started"] = False
 
 
+def on_driver_node() -> Any:
+    """The scheduling strategy of raytrainer's own actors (a worker group's command channel, a search's lender):
+    the driver's node, strictly. They hold what the driver and the workers share (the command in flight, the
+    checkpoint a restart resumes from, the search's groups); on a worker's node, losing that node would cut the
+    driver off from every worker. Ray Train places its controller there too; these actors need no CPU."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def cluster_autoscales() -> bool:
     """Whether the cluster was started by the cluster launcher with an autoscaler (it may grow)."""
     return bool(os.environ.get("RAYTRAINER_CLUSTER_AUTOSCALES"))

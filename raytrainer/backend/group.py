@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytrainer.backend.channel import CommandChannel, CommandFinished, CommandRequest
-from raytrainer.backend.cluster import WorkerGroupSpec, is_embedded_ray
+from raytrainer.backend.cluster import WorkerGroupSpec, is_embedded_ray, on_driver_node
 from raytrainer.backend.worker import serve_commands
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ class WorkerGroup:
         if make_room:
             _make_room(spec, exclude=self)
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_INTERVAL_S))
-        self.channel = CommandChannel.options(max_concurrency=1000).remote(self.idle_timeout_s)
+        self.channel = CommandChannel.options(max_concurrency=1000, scheduling_strategy=on_driver_node()).remote(
+            self.idle_timeout_s)
         config = {"channel": self.channel, "persist_checkpoints": spec.storage_path is not None,
                   "driver_threads": os.environ.get("OMP_NUM_THREADS"), "use_gpu": spec.use_gpu}
         run_config = RunConfig(
@@ -113,8 +114,9 @@ class WorkerGroup:
                 self.outcome["result"] = trainer.fit()
             except BaseException as error:  # reported by run() on the driver's main thread
                 self.outcome["error"] = error
-                try:  # and to whoever else waits on the channel (search trials)
-                    channel.fail.remote(str(WorkerError.from_ray(error)))
+                try:  # and to whoever else waits on the channel (search trials); not once Ray shut down, where
+                    if ray.is_initialized():  # a call would start a new local Ray
+                        channel.fail.remote(str(WorkerError.from_ray(error)))
                 except Exception:  # noqa: BLE001 - Ray is shutting down
                     pass
 

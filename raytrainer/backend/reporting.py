@@ -3,8 +3,9 @@ group resumes from.
 
 transformers writes `checkpoint-<step>` itself; we only tell Ray Train about it. Without `storage_path` the folder
 in `output_dir` is the record and Ray Train stores a pointer to it (no copy); with `storage_path` Ray Train copies it
-there (shared storage or s3://). The command channel remembers which command saved a checkpoint, so a warm group,
-which also holds the checkpoints of earlier commands, resumes a restarted command from its own.
+there (shared storage or s3://). The command channel (on the driver's node) remembers where each command's latest
+checkpoint is, as soon as rank 0 reported it: a restarted command resumes from its own checkpoint (a warm group also
+holds the checkpoints of earlier commands), even when Ray Train's controller had not collected that report yet.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CheckpointReporter:
         if self.to_ray_train:
             location = self._report_to_ray_train(metrics, checkpoint, checkpoint_dir) or location
         if checkpoint is not None:  # from now on a restart of this command resumes from this checkpoint
-            ray.get(self.channel.note_checkpoint.remote(self.seq, None if self.to_ray_train else location))
+            ray.get(self.channel.note_checkpoint.remote(self.seq, location))
         if self.on_report is not None and self.rank == 0:
             self.on_report(metrics, location)
 
@@ -65,20 +66,23 @@ class CheckpointReporter:
 
     def latest_checkpoint(self) -> str | None:
         """After a worker-group restart, the checkpoint this command saved last; None on a first attempt."""
-        noted = ray.get(self.channel.checkpoint_of.remote(self.seq))
-        if noted is None:
-            return None
-        if not self.to_ray_train:  # the same path on every rank, as Ray Train's pointer would give
-            return noted
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            pointer = os.path.join(folder, POINTER_NAME)
-            if os.path.isfile(pointer):
-                with open(pointer) as file:
-                    return json.load(file)["path"]
-        return transformers_checkpoint(checkpoint.to_directory())
+        location = ray.get(self.channel.checkpoint_of.remote(self.seq))
+        return None if location is None else restore_point(location)
+
+
+def restore_point(location: str) -> str:
+    """The local folder to resume from, on this node, for a checkpoint reported at `location`: the folder itself
+    (output_dir, or a storage_path every node mounts), or a local copy of a URI (s3://, gs://, ...)."""
+    if "://" in location:
+        return transformers_checkpoint(Checkpoint(path=location).to_directory())
+    if not os.path.isdir(location):
+        raise FileNotFoundError(
+            f"The checkpoint to resume from after the worker-group restart, {location}, is not on this node "
+            f"({ray.util.get_node_ip_address()}): rank 0 of the attempt before wrote it on another node, in a folder "
+            "this node does not see. Without storage_path, checkpoints stay in output_dir on the node that wrote "
+            "them. Set storage_path to a folder every node mounts (or s3://...), so that a group restarted on "
+            "other nodes resumes from its last checkpoint.")
+    return transformers_checkpoint(location)
 
 
 def transformers_checkpoint(folder: str) -> str:

@@ -189,7 +189,9 @@ def _take_lender(one_shot: bool) -> Any:
             return lender
         except Exception:  # noqa: BLE001 - gone with an earlier Ray session, or unresponsive: start a new one
             continue
-    return GroupLender.options(max_concurrency=1000).remote(one_shot=one_shot)
+    from raytrainer.backend.cluster import on_driver_node
+
+    return GroupLender.options(max_concurrency=1000, scheduling_strategy=on_driver_node()).remote(one_shot=one_shot)
 
 
 class SearchGroups:

@@ -1,0 +1,232 @@
+"""A driver on a local Ray cluster of several nodes, run as its own process (by tests/test_many_nodes.py and
+bench/node_loss.py): each node is a raylet with its own object store, and removing one is a real node loss.
+
+    python tests/_multinode_driver.py FOLDER [--scenarios spread_storage,spread_local] [--node-cpus 2]
+
+The cluster: a head with 0 CPUs (the driver's node) and three worker nodes. Each scenario trains the regression
+model on 2 workers (SPREAD, max_failures=1) and removes the node of worker 1 at step `STALL_STEP` of the first
+attempt (its raylet and every process on it, with SIGKILL): `spread_storage` with `storage_path` on a shared folder,
+`spread_local` without (the checkpoints stay in `output_dir`). The nodes left serve the next scenario.
+
+Prints one JSON line: per scenario, what every worker process recorded (its node, rank, the step it started from,
+the checkpoint it resumed from, timestamps), the node removed, the final weights, and where raytrainer's own
+actors ran. Isolated from every other Ray on the machine: the caller sets RAY_TMPDIR to a folder of its own (the
+cluster's temp dir and its address file go there, never /tmp/ray), and `Cluster.shutdown()` ends every process
+the cluster started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import psutil
+import ray
+import ray.train
+from ray.cluster_utils import Cluster
+from transformers import TrainerCallback
+
+from helpers import RegressionModel, regression_dataset
+from raytrainer import Trainer, TrainingArguments
+from raytrainer.backend.role import in_worker
+
+STALL_STEP, SAVE_STEPS, MAX_STEPS = 6, 4, 16
+
+
+def record(folder: str, event: str, **values) -> None:
+    """Append one event of this process to its own file in `folder` (every node sees the same folder here)."""
+    values.update(event=event, time=time.time(), pid=os.getpid(), node=ray.get_runtime_context().get_node_id())
+    with open(os.path.join(folder, f"events-{os.getpid()}.jsonl"), "a") as file:
+        file.write(json.dumps(values) + "\n")
+
+
+class RecordingTrainer(Trainer):
+    """The user's own Trainer subclass: on the workers it records the checkpoint it resumes from and how long
+    transformers takes to load it."""
+
+    events_folder = ""
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if in_worker():
+            context = ray.train.get_context()
+            record(self.events_folder, "train", rank=context.get_world_rank(), resume=resume_from_checkpoint,
+                   created=psutil.Process().create_time())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        started = time.time()
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        record(self.events_folder, "load_model", seconds=time.time() - started)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        started = time.time()
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            record(self.events_folder, "load_optimizer", seconds=time.time() - started)
+
+
+class StallOnce(TrainerCallback):
+    """Records each worker's start and steps; worker `rank` stops at `step` of the first attempt and announces its
+    node in `marker` (the driver removes that node meanwhile)."""
+
+    def __init__(self, folder: str, marker: str, step: int = STALL_STEP, rank: int = 1):
+        self.folder, self.marker, self.step, self.rank = folder, marker, step, rank
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        record(self.folder, "begin", rank=ray.train.get_context().get_world_rank(), step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rank = ray.train.get_context().get_world_rank()
+        record(self.folder, "step", rank=rank, step=state.global_step)
+        if rank == self.rank and state.global_step == self.step and not os.path.exists(self.marker):
+            announce = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "time": time.time()}
+            with open(self.marker + ".tmp", "w") as file:
+                json.dump(announce, file)
+            os.replace(self.marker + ".tmp", self.marker)
+            time.sleep(600)  # this node is removed now
+
+
+def remove_announced_node(cluster: Cluster, marker: str, folder: str, seen: dict) -> None:
+    """Wait for the marker, then remove the node it names (SIGKILL: the raylet and every process on it); note
+    when, and when Ray noticed: the node dead in the GCS, the surviving workers of the old group gone."""
+    while not os.path.exists(marker):
+        time.sleep(0.02)
+    with open(marker) as file:
+        node_id = json.load(file)["node"]
+    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    old_pids = {e["pid"] for e in read_events(folder) if e["event"] == "begin" and e["node"] != node_id}
+    seen.update(removed_node=node_id, kill=time.time())
+    cluster.remove_node(node, allow_graceful=False)
+    seen["removed"] = time.time()
+    while "node_dead" not in seen or "old_group_gone" not in seen:
+        if "node_dead" not in seen and not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            seen["node_dead"] = time.time()
+        if "old_group_gone" not in seen and not any(psutil.pid_exists(pid) for pid in old_pids):
+            seen["old_group_gone"] = time.time()
+        time.sleep(0.02)
+
+
+def read_events(folder: str) -> list[dict]:
+    events = []
+    for path in glob.glob(os.path.join(folder, "events-*.jsonl")):
+        with open(path) as file:
+            events += [json.loads(line) for line in file if line.strip()]
+    return sorted(events, key=lambda e: e["time"])
+
+
+def actor_node(actor) -> str:
+    """The node an actor runs on, asked of the actor itself."""
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def run_scenario(cluster: Cluster, folder: str, name: str, storage: bool) -> dict:
+    root = os.path.join(folder, name)
+    events = os.path.join(root, "events")
+    os.makedirs(events)
+    RecordingTrainer.events_folder = events
+    args = TrainingArguments(os.path.join(root, "out"), num_workers=2, placement_strategy="SPREAD", max_failures=1,
+                             storage_path=os.path.join(folder, "shared-storage") if storage else None,
+                             per_device_train_batch_size=4, learning_rate=0.05, logging_steps=1,
+                             max_steps=MAX_STEPS, save_steps=SAVE_STEPS, report_to=[], disable_tqdm=True)
+    marker = os.path.join(root, "stalled.json")
+    seen: dict = {}
+    remover = threading.Thread(target=remove_announced_node, args=(cluster, marker, events, seen), daemon=True)
+    remover.start()
+    trainer = RecordingTrainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(48),
+                               callbacks=[StallOnce(events, marker)])
+    started = time.time()
+    trainer.train()
+    finished = time.time()
+    remover.join(timeout=60)
+    channel_node = actor_node(trainer.__dict__["_raytrainer_workers"].group.channel)
+    trainer.close()
+    return {"started": started, "finished": finished, "events": read_events(events), **seen,
+            "channel_node": channel_node, "global_step": trainer.state.global_step,
+            "weights": {k: v.tolist() for k, v in trainer.model.state_dict().items()},
+            "checkpoints": sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "out", "checkpoint-*"))),
+            "storage_path": args.storage_path}
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_cluster(node_cpus: int, system_config: dict | None, attempts: int = 3) -> tuple[Cluster, list]:
+    """The head (0 CPUs) and three worker nodes. A raylet must register within 30 s (fixed in Ray): on a loaded
+    machine it sometimes does not, and the cluster is started again after ending what the failed start left."""
+    for attempt in range(1, attempts + 1):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=0, include_dashboard=False, _system_config=system_config)
+            nodes = [cluster.add_node(num_cpus=node_cpus) for _ in range(3)]
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except Exception as error:  # noqa: BLE001 - retried below, raised after the last attempt
+            print(f"cluster start {attempt} failed: {error}", file=sys.stderr)
+            try:
+                cluster.shutdown()
+            except Exception:  # noqa: BLE001 - a node that never came up
+                pass
+            end_own_processes()
+            if attempt == attempts:
+                raise
+
+
+def end_own_processes() -> None:
+    """Kill what this cluster started (their command lines name its private RAY_TMPDIR), never anything else."""
+    marker = os.environ["RAY_TMPDIR"]
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and marker in " ".join(proc.info["cmdline"] or ()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("--scenarios", default="spread_storage,spread_local")
+    parser.add_argument("--node-cpus", type=int, default=2)
+    parser.add_argument("--health-check-ms", type=int, default=0,
+                        help="how often the GCS checks each node (a lost node is dead after 3 misses); 0: Ray's "
+                             "default")
+    options = parser.parse_args()
+    assert os.environ.get("RAY_TMPDIR"), "set RAY_TMPDIR to a folder of this run's own"
+    # Ray Train's placement-group cleaner asks the State API (a dashboard) whether a run's controller still lives;
+    # this cluster has no dashboard, and the cleaner must never ask another Ray cluster on the machine instead.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{unused_port()}"
+    # On a machine shared with other test runs, starting worker processes can take minutes: Ray Train must wait for
+    # them rather than fail the attempt (its default waits 60 s).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    system_config = {"health_check_period_ms": options.health_check_ms, "health_check_timeout_ms":
+                     options.health_check_ms, "health_check_failure_threshold": 3} if options.health_check_ms else None
+    cluster, worker_nodes = start_cluster(options.node_cpus, system_config)
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        from raytrainer.tune.pool import _take_lender
+
+        result = {"driver_node": ray.get_runtime_context().get_node_id(),
+                  "worker_nodes": [node.node_id for node in worker_nodes],
+                  "lender_node": actor_node(_take_lender(one_shot=False))}
+        for name in options.scenarios.split(","):
+            result[name] = run_scenario(cluster, options.folder, name, storage=name.endswith("storage"))
+        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        with open(os.path.join(options.folder, "result.json"), "w") as file:  # kept for a look after a failure
+            json.dump(result, file)
+        print("RESULT " + json.dumps(result), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Many nodes: the workers spread over nodes, a lost node (its raylet and every process on it) is survived from the
+last checkpoint, and raytrainer's own actors live on the driver's node.
+
+The cluster (a head with 0 CPUs and three nodes of 2 CPUs, each a raylet with its own object store) and its driver
+run in a process of their own (`_multinode_driver.py`): the test session's Ray stays untouched. Nodes have 2 CPUs
+so that SPREAD is what puts the two workers on two nodes (PACK would put both on one).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import transformers
+
+from helpers import RegressionModel, regression_dataset
+from parity import run_transformers
+from raytrainer.backend.reporting import restore_point
+
+TESTS = Path(__file__).parent
+STALL_STEP, SAVE_STEPS, MAX_STEPS = 6, 4, 16
+
+
+def processes_of(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or ()) and proc.pid != os.getpid():
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def run_cluster_driver(folder: Path, *options: str, timeout: float = 900) -> dict:
+    """Run the multi-node driver in its own session, with its own Ray temp dir; assert it left no process."""
+    ray_tmp = tempfile.mkdtemp(prefix="rtn-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, str(TESTS / "_multinode_driver.py"), str(folder), *options],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    deadline = time.monotonic() + 30
+    while processes_of(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_of(ray_tmp)
+    for proc in left:  # only this cluster's processes: their command lines name its private temp dir
+        proc.kill()
+    assert process.returncode == 0, "\n".join(line for line in stderr.splitlines()
+                                              if "PlacementGroupCleaner" not in line)[-6000:]
+    assert not left, f"the cluster left processes behind: {[p.info['cmdline'][:2] for p in left]}"
+    assert not os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def attempts(scenario: dict) -> tuple[dict, dict]:
+    """Each attempt's worker records by rank ({rank: [events]}): the processes that began at step 0, and those
+    Ray Train started after the node was removed (by process: a slow survivor may record after the kill)."""
+    first = {e["pid"] for e in scenario["events"] if e["event"] == "begin" and e["step"] == 0}
+    before, after = {}, {}
+    for event in scenario["events"]:
+        if "rank" in event:
+            (before if event["pid"] in first else after).setdefault(event["rank"], []).append(event)
+    return before, after
+
+
+def node_of(events: list[dict]) -> str:
+    nodes = {event["node"] for event in events}
+    assert len(nodes) == 1, nodes
+    return nodes.pop()
+
+
+def test_spread_workers_survive_losing_a_node_and_our_actors_stay_on_the_driver_node(tmp_path):
+    result = run_cluster_driver(tmp_path, "--health-check-ms", "500")
+    theirs, _ = run_transformers(
+        RegressionModel(), transformers.TrainingArguments(
+            str(tmp_path / "hf"), per_device_train_batch_size=8, learning_rate=0.05, logging_steps=1,
+            max_steps=MAX_STEPS, save_steps=SAVE_STEPS, report_to=[], disable_tqdm=True),
+        train_dataset=regression_dataset(48))
+    expected = {name: value.item() for name, value in theirs.model.state_dict().items()}
+    driver_node, worker_nodes = result["driver_node"], result["worker_nodes"]
+    # raytrainer's own actors run where the driver runs, never on a worker's node
+    assert result["lender_node"] == driver_node
+    removed = []
+    for name in ("spread_storage", "spread_local"):
+        scenario = result[name]
+        assert scenario["channel_node"] == driver_node, name  # and it outlived the lost node
+        before, after = attempts(scenario)
+        assert sorted(before) == sorted(after) == [0, 1], name
+        first_nodes = [node_of(before[rank]) for rank in (0, 1)]
+        assert len(set(first_nodes)) == 2 and set(first_nodes) <= set(worker_nodes), name  # SPREAD
+        assert scenario["removed_node"] == first_nodes[1]  # the node of worker 1, removed at step 6
+        removed.append(scenario["removed_node"])
+        assert [e["step"] for e in before[1] if e["event"] == "step"] == list(range(1, STALL_STEP + 1))
+        # the restarted group runs on the nodes left and resumes from the last checkpoint (step 4), never from 0
+        second_nodes = [node_of(after[rank]) for rank in (0, 1)]
+        assert not set(second_nodes) & set(removed), name
+        for rank in (0, 1):
+            train, begin = (next(e for e in after[rank] if e["event"] == kind) for kind in ("train", "begin"))
+            assert begin["step"] == SAVE_STEPS, name
+            assert [e["step"] for e in after[rank] if e["event"] == "step"] == list(range(SAVE_STEPS + 1,
+                                                                                          MAX_STEPS + 1))
+            assert os.path.basename(train["resume"]) == f"checkpoint-{SAVE_STEPS}", train
+            where = scenario["storage_path"] or str(tmp_path / name / "out")
+            assert train["resume"].startswith(where + os.sep), (train["resume"], where)
+        assert scenario["global_step"] == MAX_STEPS
+        assert scenario["weights"] == pytest.approx(expected, abs=1e-6), name
+    # storage_path: SPREAD again over the two nodes left; without it, both workers on the one node left
+    assert len({node_of(e) for e in attempts(result["spread_storage"])[1].values()}) == 2
+    assert len({node_of(e) for e in attempts(result["spread_local"])[1].values()}) == 1
+    assert sorted(result["alive_nodes"]) == sorted(set(worker_nodes) - set(removed) | {driver_node})
+
+
+def test_a_checkpoint_missing_on_the_restarted_workers_node_is_a_clear_error(tmp_path):
+    """What a group restarted on other machines meets without a shared storage_path: the last checkpoint stayed in
+    output_dir on the lost node. It fails with the fix, instead of silently training from step 0."""
+    with pytest.raises(FileNotFoundError, match=r"(?s)checkpoint-8.*not on this node.*storage_path"):
+        restore_point(str(tmp_path / "out" / "checkpoint-8"))
