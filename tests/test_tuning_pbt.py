@@ -12,7 +12,9 @@ from ray.tune.schedulers import PopulationBasedTraining
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from _tuning_fixtures import RegressionModel, make_trainer, regression_data
+from _tuning_fixtures import make_trainer, regression_model
+from helpers import RegressionModel
+from helpers import regression_dataset as regression_data
 from raytrainer.tune.exploit import ResumeWithTrialHyperparameters
 from raytrainer.tune.results import continue_schedule
 
@@ -125,7 +127,7 @@ def test_pbt_exploit_goes_on_from_the_donor_with_the_perturbed_hyperparameters(r
 def in_process_run(output_dir, resume_from=None, keep_trial_settings=True, **args):
     """A transformers.Trainer run of the regression (a checkpoint every 12 steps), resumed from `resume_from`."""
     logged = LoggedLearningRates()
-    trainer = transformers.Trainer(model_init=RegressionModel, train_dataset=regression_data(128, 0),
+    trainer = transformers.Trainer(model_init=regression_model, train_dataset=regression_data(128, 0),
                                    callbacks=[logged], args=transformers.TrainingArguments(
                                        output_dir=str(output_dir), max_steps=MAX_STEPS, per_device_train_batch_size=16,
                                        logging_steps=1, save_strategy="steps", save_steps=EXPLOIT_STEP,
