@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import psutil
@@ -22,8 +23,8 @@ import ray
 from helpers import RegressionModel, regression_dataset
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.backend.cluster import ensure_ray
-from raytrainer.backend.early_start import EarlyStart, cancel_when_collected, starts_early
-from raytrainer.backend.session import _connect, _start_group
+from raytrainer.backend.early_start import EarlyStart, starts_early
+from raytrainer.backend.session import _close_later, _connect, _start_group
 
 TESTS = Path(__file__).resolve().parent
 
@@ -87,7 +88,7 @@ def start_early_now(trainer):
     """What construction does for a script's first Trainer (here Ray is already connected, so it is done by hand)."""
     session = trainer._raytrainer_workers
     session._early = EarlyStart(trainer.args, _connect, _start_group)
-    session._early_release = cancel_when_collected(session, session._early)
+    session._early_release = weakref.finalize(session, _close_later, session._early)
     return session._early
 
 

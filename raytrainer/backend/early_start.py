@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import threading
-import weakref
 from typing import Any, Callable
 
 OPT_OUT_VARIABLE = "RAYTRAINER_START_EARLY"  # "0": start Ray and the workers at the first call, as transformers would
@@ -116,24 +115,14 @@ class EarlyStart:
         if group is not None:
             group.close()
 
+    close = cancel  # what the session's closing thread calls for a garbage-collected Trainer's start
+
     def _at_exit(self) -> None:
         self.cancelled = True
         self.done.wait(timeout=300)
 
 
 _process_end = threading.Event()  # never set: the background start's thread lives as long as the process
-
-
-def cancel_when_collected(owner: Any, early: EarlyStart) -> weakref.finalize:
-    """Cancel `early` when `owner` is garbage-collected, from a thread of its own: garbage collection can run
-    inside any thread, Ray's own included, where calling Ray again may crash the process."""
-    finalizer = weakref.finalize(owner, _cancel_in_thread, early)
-    finalizer.atexit = False  # at exit, EarlyStart._at_exit and the groups' own exit hook release everything
-    return finalizer
-
-
-def _cancel_in_thread(early: EarlyStart) -> None:
-    threading.Thread(target=early.cancel, name="raytrainer-early-cancel", daemon=True).start()
 
 
 class _ThreadWarningFilter(logging.Filter):

@@ -25,7 +25,7 @@ from raytrainer.backend.channel import CommandRequest, LogEvent, LogRecordEvent,
 from raytrainer.backend.cluster import WorkerGroupSpec, ensure_ray
 from raytrainer.backend.commands import CommandResult, TrainerRecipe, WorkerCommand
 from raytrainer.backend.data_transport import DatasetSender
-from raytrainer.backend.early_start import EarlyStart, cancel_when_collected, take_first_start
+from raytrainer.backend.early_start import EarlyStart, take_first_start
 from raytrainer.backend.group import WorkerGroup, WorkerStopped
 from raytrainer.backend.user_code import check_picklable
 
@@ -63,7 +63,7 @@ class WorkerSession:
         the process's first Trainer that can train (`backend.early_start`)."""
         if take_first_start(can_train):
             self._early = EarlyStart(args, _connect, _start_group if with_group else _no_group)
-            self._early_release = cancel_when_collected(self, self._early)
+            self._early_release = weakref.finalize(self, _close_later, self._early)
 
     def _finish_early_start(self) -> None:
         """Wait for the background start; keep the group it started for the first call. Raises its error."""
@@ -241,8 +241,8 @@ def worker_callbacks(callbacks: list) -> list:
     return [cb for cb in callbacks if not is_display_callback(cb) and type(cb).__name__ != "JITCheckpointCallback"]
 
 
-def _close_later(group: WorkerGroup) -> None:
-    """A garbage-collected Trainer's group is closed by a thread of its own: garbage collection can run inside any
+def _close_later(group: WorkerGroup | EarlyStart) -> None:
+    """A garbage-collected Trainer's group (or background start) is closed by a thread of its own: garbage collection can run inside any
     thread, Ray's own included, where calling Ray again may crash the process."""
     _closing.put(group)
 
