@@ -119,7 +119,7 @@ def test_a_driver_side_error_stops_the_early_group_and_a_dropped_trainer_release
 
 
 DRIVER = textwrap.dedent("""
-    import json, os, socket, sys, time
+    import glob, json, os, socket, sys, time
     import psutil, ray, transformers
     sys.path.insert(0, {tests!r})
     from helpers import RegressionModel, regression_dataset
@@ -149,7 +149,9 @@ DRIVER = textwrap.dedent("""
     children = psutil.Process().children(recursive=True)
     listening = sorted({{c.laddr.ip for p in children if p.name() in ("gcs_server", "raylet")
                         for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}})
-    print("DRIVER " + json.dumps({{
+    actors = sorted({{line.split(":actor_name:")[1].strip() for path in glob.glob(node.get_logs_dir_path() + "/worker-*.out")
+                      for line in open(path) if ":actor_name:" in line}})
+    print("DRIVER " + json.dumps({{"actors": actors,
         "dead": dead, "started_early": started_early, "used_early_group": used_early_group,
         "ours": ours.training_loss, "theirs": theirs.training_loss, "gcs": ray.get_runtime_context().gcs_address,
         "session_dir": node.get_session_dir_path(), "webui_url": node.address_info.get("webui_url"),
@@ -182,6 +184,10 @@ def test_first_trainer_starts_an_embedded_ray_early_past_a_stale_record(tmp_path
         assert all("--disable-frontend" in command for command in report["dashboard"]), report["dashboard"]
         assert report["listening"] and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip in report["listening"])
         assert "SIGTERM handler is not set" not in result.stderr
+        # Ray Train's run on the embedded Ray starts no actor for long-lived or autoscaling clusters, nor Ray Data's
+        assert {"TrainController", "RayTrainWorker", "CommandChannel"} <= set(report["actors"]), report["actors"]
+        assert not {"PlacementGroupCleaner", "_AutoscalingCoordinatorActor", "DatasetManager",
+                    "PreemptionWatcher"} & set(report["actors"]), report["actors"]
         leftovers = [p for p in psutil.process_iter(["cmdline"]) if private_tmp in " ".join(p.info["cmdline"] or ())]
         assert wait_until(lambda: not [p for p in leftovers if p.is_running()], 30), "Ray outlived the script"
     finally:

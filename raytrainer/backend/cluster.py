@@ -57,6 +57,9 @@ def start_embedded_ray(options: dict) -> None:
 
     # Ray Train's state actor asks the State API (the dashboard's) every 30 s whether each run's controller lives.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+    # Ray Train's preemption watcher polls the nodes for a cloud's preemption notice: the embedded Ray's one node
+    # is the driver's own machine (see backend/embedded_train_run.py for the other actors left out).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:

@@ -27,6 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytrainer.backend.channel import CommandChannel, CommandFinished, CommandRequest
 from raytrainer.backend.cluster import WorkerGroupSpec, is_embedded_ray, on_driver_node
+from raytrainer.backend.embedded_train_run import TorchTrainerInEmbeddedRay
 from raytrainer.backend.worker import serve_commands
 
 logger = logging.getLogger(__name__)
@@ -50,19 +51,6 @@ class WorkerError(RuntimeError):
                 cause = next(iter(failures.values())) if isinstance(failures, dict) else failures[0]
                 break
         return cls(f"Training failed on the Ray Train workers: {str(cause).strip()}")
-
-
-class TorchTrainerInEmbeddedRay(TorchTrainer):
-    """Ray Train's TorchTrainer without its placement-group cleaner, for the embedded Ray of one driver.
-
-    The cleaner (a detached actor started with every run) removes a run's placement group when its controller dies
-    while the cluster lives on; it asks the State API, which the dashboard serves. The embedded Ray ends with its
-    driver and runs no dashboard, so there is nothing for the cleaner to clean, and it could only fail (printing a
-    traceback into the driver's output) after costing a process start next to the workers'."""
-
-    def _create_default_callbacks(self):
-        return [callback for callback in super()._create_default_callbacks()
-                if type(callback).__name__ != "PlacementGroupCleanerCallback"]
 
 
 class WorkerStopped(RuntimeError):
