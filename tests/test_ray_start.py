@@ -151,7 +151,8 @@ DRIVER = textwrap.dedent("""
                         for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}})
     actors = sorted({{line.split(":actor_name:")[1].strip() for path in glob.glob(node.get_logs_dir_path() + "/worker-*.out")
                       for line in open(path) if ":actor_name:" in line}})
-    print("DRIVER " + json.dumps({{"actors": actors,
+    idle = [path for path in glob.glob(node.get_logs_dir_path() + "/worker-*-ffffffff-*.out")]  # of no job
+    print("DRIVER " + json.dumps({{"actors": actors, "idle_workers": len(idle),
         "dead": dead, "started_early": started_early, "used_early_group": used_early_group,
         "ours": ours.training_loss, "theirs": theirs.training_loss, "gcs": ray.get_runtime_context().gcs_address,
         "session_dir": node.get_session_dir_path(), "webui_url": node.address_info.get("webui_url"),
@@ -188,6 +189,7 @@ def test_first_trainer_starts_an_embedded_ray_early_past_a_stale_record(tmp_path
         assert {"TrainController", "RayTrainWorker", "CommandChannel"} <= set(report["actors"]), report["actors"]
         assert not {"PlacementGroupCleaner", "_AutoscalingCoordinatorActor", "DatasetManager",
                     "PreemptionWatcher"} & set(report["actors"]), report["actors"]
+        assert report["idle_workers"] == 0  # no worker processes prestarted for no one
         leftovers = [p for p in psutil.process_iter(["cmdline"]) if private_tmp in " ".join(p.info["cmdline"] or ())]
         assert wait_until(lambda: not [p for p in leftovers if p.is_running()], 30), "Ray outlived the script"
     finally:

@@ -63,7 +63,10 @@ def start_embedded_ray(options: dict) -> None:
     cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **options)
+        # Ray prestarts one idle worker process per CPU for a first driver; Ray Train's actors each want a runtime
+        # environment of their own and cannot use them, so on a small machine they only compete with the run's start.
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _system_config={"prestart_worker_first_driver": False}, **options)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     _embedded["started"] = True
