@@ -56,7 +56,8 @@ class RecordingTrainer(Trainer):
         if in_worker():
             context = ray.train.get_context()
             record(self.events_folder, "train", rank=context.get_world_rank(), resume=resume_from_checkpoint,
-                   created=psutil.Process().create_time(), run=os.path.basename(self.args.output_dir))
+                   created=psutil.Process().create_time(), run=os.path.basename(self.args.output_dir),
+                   dataset_memory=memory_holding(self.train_dataset))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -69,6 +70,22 @@ class RecordingTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
             record(self.events_folder, "load_optimizer", seconds=time.time() - started)
+
+
+def memory_holding(dataset) -> dict | None:
+    """Where this process holds the first column of `dataset`'s Arrow table: the memory mapping its buffer lies
+    in (a node's object store is one shared-memory file, `/dev/shm/plasma*`; each node has its own)."""
+    table = getattr(dataset, "data", None)
+    if table is None:
+        return None
+    address = table.table.column(0).chunks[0].buffers()[1].address
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low <= address < high:
+                return {"mode": fields[1], "file": (fields[3], fields[4]), "path": " ".join(fields[5:])}
+    return None
 
 
 class StallOnce(TrainerCallback):
@@ -148,10 +165,13 @@ def run_scenario(cluster: Cluster, folder: str, name: str, storage: bool) -> dic
     trainer.train()
     finished = time.time()
     remover.join(timeout=60)
-    channel_node = actor_node(trainer.__dict__["_raytrainer_workers"].group.channel)
+    session = trainer.__dict__["_raytrainer_workers"]
+    channel_node = actor_node(session.group.channel)
+    tables = [stand_in.table[0] for _, stand_in in session.datasets._sent.values()]
+    locations = {ref.hex(): info for ref, info in ray.experimental.get_object_locations(tables).items()}
     trainer.close()
     return {"started": started, "finished": finished, "events": read_events(events), **seen,
-            "channel_node": channel_node, "global_step": trainer.state.global_step,
+            "channel_node": channel_node, "global_step": trainer.state.global_step, "dataset_locations": locations,
             "weights": {k: v.tolist() for k, v in trainer.model.state_dict().items()},
             "checkpoints": sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "out", "checkpoint-*"))),
             "storage_path": args.storage_path}

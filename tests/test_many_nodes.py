@@ -120,10 +120,29 @@ def test_spread_workers_survive_losing_a_node_and_our_actors_stay_on_the_driver_
             assert train["resume"].startswith(where + os.sep), (train["resume"], where)
         assert scenario["global_step"] == MAX_STEPS
         assert scenario["weights"] == pytest.approx(expected, abs=1e-6), name
+        assert_one_dataset_copy_per_node(scenario, driver_node, removed)
     # storage_path: SPREAD again over the two nodes left; without it, both workers on the one node left
     assert len({node_of(e) for e in attempts(result["spread_storage"])[1].values()}) == 2
     assert len({node_of(e) for e in attempts(result["spread_local"])[1].values()}) == 1
     assert sorted(result["alive_nodes"]) == sorted(set(worker_nodes) - set(removed) | {driver_node})
+
+
+def assert_one_dataset_copy_per_node(scenario: dict, driver_node: str, removed: list[str]) -> None:
+    """Every worker read the training set's Arrow table in place, in its node's object store (a shared-memory file
+    of its own per node): the workers of one node share one copy, and the object is on each node that read it
+    (and the driver's, where it was put) once."""
+    trains = [event for event in scenario["events"] if event["event"] == "train"]
+    by_node: dict[str, set] = {}
+    for train in trains:
+        memory = train["dataset_memory"]
+        assert memory is not None and "plasma" in memory["path"] and memory["mode"].endswith("s"), memory
+        by_node.setdefault(train["node"], set()).add(tuple(memory["file"]))
+    assert all(len(files) == 1 for files in by_node.values()), by_node
+    assert len({file for files in by_node.values() for file in files}) == len(by_node)
+    shared = [node for node in by_node if len({t["pid"] for t in trains if t["node"] == node}) >= 2]
+    assert shared or scenario["storage_path"], by_node  # spread_local's restart: both workers on one node
+    (located,) = scenario["dataset_locations"].values()
+    assert sorted(located["node_ids"]) == sorted({driver_node, *by_node} - set(removed))
 
 
 def test_a_checkpoint_missing_on_the_restarted_workers_node_is_a_clear_error(tmp_path):
