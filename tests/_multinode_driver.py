@@ -1,12 +1,14 @@
 """A driver on a local Ray cluster of several nodes, run as its own process (by tests/test_many_nodes.py and
 bench/node_loss.py): each node is a raylet with its own object store, and removing one is a real node loss.
 
-    python tests/_multinode_driver.py FOLDER [--scenarios spread_storage,spread_local] [--node-cpus 2]
+    python tests/_multinode_driver.py FOLDER [--scenarios spread_storage,spread_local|search|generator]
 
-The cluster: a head with 0 CPUs (the driver's node) and three worker nodes. Each scenario trains the regression
-model on 2 workers (SPREAD, max_failures=1) and removes the node of worker 1 at step `STALL_STEP` of the first
-attempt (its raylet and every process on it, with SIGKILL): `spread_storage` with `storage_path` on a shared folder,
-`spread_local` without (the checkpoints stay in `output_dir`). The nodes left serve the next scenario.
+The cluster: a head with 0 CPUs (the driver's node) and three worker nodes. `spread_storage` and `spread_local`
+train the regression model on 2 workers (SPREAD, max_failures=1) and remove the node of worker 1 at step
+`STALL_STEP` of the first attempt (its raylet and every process on it, with SIGKILL): `spread_storage` with
+`storage_path` on a shared folder, `spread_local` without (the checkpoints stay in `output_dir`); the nodes left
+serve the next scenario. `search` runs two trials side by side and removes the node of one of them (`run_search`);
+`generator` removes the iterative SFT generator's node (`run_generator`). Each of these two wants a fresh cluster.
 
 Prints one JSON line: per scenario, what every worker process recorded (its node, rank, the step it started from,
 the checkpoint it resumed from, timestamps), the node removed, the final weights, and where raytrainer's own
