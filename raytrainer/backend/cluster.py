@@ -140,6 +140,26 @@ def on_driver_node() -> Any:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+def driver_node_resource() -> str | None:
+    """A resource only the driver's node has, for what must run there but is placed by resources alone (Tune's
+    trial actors): `node:__internal_head__` when the driver runs on the head (`ray job submit`, a script on the
+    head), else the node's `node:<ip>` when no other node has the same IP. None when no resource singles it out
+    (several raylets of one machine, the driver on a non-head one): then Ray places those actors anywhere."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME, NODE_ID_PREFIX
+
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    mine = next((node for node in nodes if node["NodeID"] == node_id), None)
+    if mine is None:
+        return None
+    names = sorted((name for name in mine["Resources"] if name.startswith(NODE_ID_PREFIX)),
+                   key=lambda name: name != HEAD_NODE_RESOURCE_NAME)  # the head's own name first
+    for name in names:
+        if sum(1 for node in nodes if name in node["Resources"]) == 1:
+            return name
+    return None
+
+
 def cluster_autoscales() -> bool:
     """Whether the cluster was started by the cluster launcher with an autoscaler (it may grow)."""
     return bool(os.environ.get("RAYTRAINER_CLUSTER_AUTOSCALES"))

@@ -210,13 +210,16 @@ def worker_resources(args: Any, cluster: dict[str, float]) -> dict[str, float]:
 
 
 def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
-                         cluster: dict[str, float]) -> int | None:
+                         cluster: dict[str, float], driver_node_resource: str | None = None) -> int | None:
     """Set `resources_per_trial` and `max_concurrent_trials` so that trials never starve their own workers;
     return how many trials (with their workers) fit side by side, None when nothing limits it.
 
     A Tune trial here only relays a warm worker group's results, so by default it holds no CPU (just 1 byte of
-    memory, as Tune needs some resource); the groups ask Ray for the workers' resources. Concurrency is capped at
-    what the cluster can run side by side, so no trial waits forever for workers that other trials' drivers block.
+    memory, as Tune needs some resource); the groups ask Ray for the workers' resources. With
+    `driver_node_resource` (a resource only the driver's node has) it also asks for a sliver of that, so that the
+    trial actors run where the driver runs: losing a workers' node then never takes a trial's relay with it (the
+    group restarts and the trial goes on). Concurrency is capped at what the cluster can run side by side, so no
+    trial waits forever for workers that other trials' drivers block.
     """
     missing = {name: (amount, cluster.get(name, 0)) for name, amount in workers.items()
                if amount > cluster.get(name, 0)}
@@ -224,7 +227,8 @@ def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
         details = ", ".join(f"{amount:g} {name} (the cluster has {have:g})" for name, (amount, have) in missing.items())
         raise ValueError(f"One trial's Ray Train workers need {details}, which this Ray cluster can never provide, so "
                          "no trial could start. Lower num_workers or resources_per_worker, or use a larger cluster.")
-    driver = tune_kwargs.setdefault("resources_per_trial", {"cpu": 0, "memory": 1})
+    default = {"cpu": 0, "memory": 1, **({driver_node_resource: 0.001} if driver_node_resource else {})}
+    driver = tune_kwargs.setdefault("resources_per_trial", default)
     if isinstance(driver, dict):
         driver_need = {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
     else:  # a PlacementGroupFactory: the user sized the trials themselves

@@ -132,10 +132,13 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
 
     from ray import cluster_resources
 
+    from raytrainer.backend.cluster import driver_node_resource
+
     trainer._raytrainer_workers.connect(trainer.args)
     cluster = cluster_resources()
     tune_kwargs = dict(kwargs)
-    fits = plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster)
+    fits = plan_trial_resources(tune_kwargs, worker_resources(trainer.args, cluster), cluster,
+                                driver_node_resource=driver_node_resource())
     tune_kwargs.setdefault("storage_path", os.path.abspath(os.path.join(trainer.args.output_dir, "tune")))
     tune_kwargs.setdefault("verbose", 0)
     tune_kwargs.setdefault("raise_on_failed_trial", False)
