@@ -265,8 +265,13 @@ def main_pbt(repeats: int, ray_start: float) -> None:
                              ("time to target (1% of the best fixed config)", "to_target", "s"),
                              ("wall time", "wall", "s"), ("training steps of all trials", "steps", "")):
         values = [median(side, key) for side in range(len(names))]
-        print(f"| {label} | " + " | ".join(f"{value:.4g}{unit}" for value in values)
-              + f" | {values[2] / values[0]:.2f} | {values[2] / values[1]:.2f} |")
+
+        def ratio(value: float, reference: float) -> str:
+            return f"{value / reference:.2f}" if np.isfinite(value) and np.isfinite(reference) else "-"
+
+        print(f"| {label} | " + " | ".join(f"{value:.4g}{unit}" if np.isfinite(value) else "not reached"
+                                           for value in values)
+              + f" | {ratio(values[2], values[0])} | {ratio(values[2], values[1])} |")
     print(f"| PBT exploits | | | {median(2, 'exploits'):g} | | |")
 
 
