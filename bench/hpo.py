@@ -14,15 +14,18 @@ side reached in that repeat. Prints a markdown table of medians over repeats and
 
     python bench/hpo.py [--repeats 3] [--trials 8]    (--trials 16: 16 log-spaced rates over the same range)
 
-`--scheduler pbt`: a task where the best learning rate changes during training: the same regression fitted by plain
-SGD with a constant learning rate (no decay), batches of 4 with label noise 1.0, scored on noise-free labels, 64 steps
-with an evaluation every 8: a high rate gets near the fit fast but then jitters around it with the noise, a low one
-is precise but slow (Adam would not do: its second moment, filled by the large early gradients, anneals it). Both sides are raytrainer searches on one warm Trainer with the
-same budget (the same 6 starting rates, 64 steps each at most):
-  (a) fixed configs: ASHA over the grid (each trial keeps its rate);
-  (b) PBT (synchronous, every 2 evaluations the bottom quarter clones the top quarter's checkpoint and moves its rate
-      one grid step, or resamples it), which can lower the rate as training goes on.
-Time to target = seconds to the first evaluation within 1% of the best objective the fixed configs reached.
+`--scheduler pbt`: a task where the best learning rate changes during training: a linear regression on 8 features
+(4096 examples with label noise 1.0, scored on 256 noise-free ones) fitted by plain SGD with a constant learning rate,
+batches of 4, 128 steps (under one epoch), an evaluation every 16: a high rate gets near the fit fast but then jitters
+around it with the noise (a floor that grows with the rate), a low one is precise but slow (Adam would not do: its
+second moment, filled by the large early gradients, anneals it). All sides are raytrainer searches on one warm Trainer
+with the same budget (the same 6 starting rates, 6 trials of at most 128 steps each):
+  (a) fixed configs: ASHA over the grid, each trial keeps its rate;
+  (b) fixed configs with transformers' linear decay (ASHA): a fixed config that lowers its rate as it goes;
+  (c) PBT (synchronous, Ray Tune's defaults but perturbation_interval=1: at every evaluation the bottom quarter
+      clones the top quarter's checkpoint and moves its rate one grid step either way, or resamples it), constant
+      rates as in (a): only PBT can lower them mid-run.
+Time to target = seconds to the first evaluation within 1% of the best objective the fixed configs (a, b) reached.
 
     python bench/hpo.py --scheduler pbt [--repeats 3]
 """
@@ -158,38 +161,71 @@ def time_to_target(records: list, target: float) -> float:
 
 
 PBT_RATES = [0.003, 0.01, 0.03, 0.1, 0.3, 0.6]
-PBT_STEPS, PBT_EVAL_STEPS = 64, 8
+PBT_FEATURES, PBT_TRAIN, PBT_EVAL, PBT_NOISE = 8, 4096, 256, 1.0
+PBT_STEPS, PBT_EVAL_STEPS, PBT_BATCH = 128, 16, 4
 
 
-def run_fixed_and_pbt(trainer: Any) -> tuple[dict, dict]:
-    """One repeat of `--scheduler pbt`: an ASHA search over fixed rates, then PBT, on the same warm Trainer."""
-    from ray import tune
+class LinearModel(nn.Module):
+    """y = w . x + b over PBT_FEATURES inputs, from zero: an exact loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(PBT_FEATURES, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, input_x, labels=None):
+        y = self.linear(input_x).squeeze(-1)
+        return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
+
+
+def linear_data(n: int, seed: int, noise: float) -> datasets.Dataset:
+    """y = w . x + 3 with w evenly spread over [-2, 2], x ~ N(0, I), label noise `noise`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, PBT_FEATURES)).astype(np.float32)
+    y = x @ np.linspace(-2, 2, PBT_FEATURES) + 3 + noise * rng.normal(size=n)
+    return datasets.Dataset.from_dict({"input_x": x, "labels": y.astype(np.float32)})
+
+
+def pbt_arms() -> dict[str, tuple[Any, dict]]:
+    """The three searches of one repeat: (scheduler, constant part of the search space), by name. The same 6 rates,
+    6 trials of at most PBT_STEPS steps each in all three."""
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     iterations = PBT_STEPS // PBT_EVAL_STEPS
-    schedulers = {
-        "fixed configs (ASHA)": ASHAScheduler(max_t=iterations, grace_period=2, reduction_factor=2),
-        "PBT": PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2, synch=True,
-                                       hyperparam_mutations={"learning_rate": PBT_RATES}),
+    return {
+        "fixed configs (ASHA)": (ASHAScheduler(max_t=iterations, grace_period=2, reduction_factor=2), {}),
+        "fixed configs, linear decay (ASHA)": (ASHAScheduler(max_t=iterations, grace_period=2, reduction_factor=2),
+                                               {"lr_scheduler_type": "linear"}),
+        # Ray Tune's defaults but for the interval: the bottom quarter of the population clones the top quarter's
+        # checkpoint at every evaluation and moves its rate one grid step either way (or resamples it, p=0.25).
+        "PBT": (PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=1, synch=True,
+                                        hyperparam_mutations={"learning_rate": PBT_RATES}), {}),
     }
+
+
+def run_pbt_arms(trainer: Any) -> list[dict]:
+    """One repeat of `--scheduler pbt`: the fixed-rate searches (ASHA), then PBT, on the same warm Trainer."""
+    from ray import tune
+
     sides = []
-    for name, scheduler in schedulers.items():
+    for name, (scheduler, constant) in pbt_arms().items():
         start, records = [0.0], []
 
         class ResultClock(tune.Callback):
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 records.append((time.perf_counter() - start[0], result["objective"]))
 
+        space = {"learning_rate": tune.grid_search(PBT_RATES), **constant}
         start[0] = time.perf_counter()
-        best = trainer.hyperparameter_search(hp_space=lambda trial: {"learning_rate": tune.grid_search(PBT_RATES)},
-                                             n_trials=1, scheduler=scheduler, callbacks=[ResultClock()])
+        best = trainer.hyperparameter_search(hp_space=lambda trial: space, n_trials=1, scheduler=scheduler,
+                                             callbacks=[ResultClock()])
         wall = time.perf_counter() - start[0]
-        steps = sum(result.get("step", 0) for trial in best.run_summary.trials
-                    for result in [trial.last_result])
+        steps = sum(trial.last_result.get("step", 0) for trial in best.run_summary.trials)
         sides.append({"side": name, "wall": wall, "best": best.objective, "records": records,
                       "schedule": best.hyperparameter_schedule, "exploits": getattr(scheduler, "_num_perturbations", 0),
                       "steps": steps})
-    return sides[0], sides[1]
+    return sides
 
 
 def main_pbt(repeats: int, ray_start: float) -> None:
@@ -198,35 +234,45 @@ def main_pbt(repeats: int, ray_start: float) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as output_dir:
         args = dict(common_args(output_dir), max_steps=PBT_STEPS, eval_steps=PBT_EVAL_STEPS, optim="sgd",
-                    lr_scheduler_type="constant", per_device_train_batch_size=4)
-        trainer = Trainer(model_init=RegressionModel, args=TrainingArguments(num_workers=1, **args),
-                          train_dataset=regression_data(128, 0, noise=1.0), eval_dataset=regression_data(32, 1, noise=0.0))
-        trainer.evaluate()  # both sides run on the same warm workers
+                    lr_scheduler_type="constant", per_device_train_batch_size=PBT_BATCH)
+        trainer = Trainer(model_init=LinearModel, args=TrainingArguments(num_workers=1, **args),
+                          train_dataset=linear_data(PBT_TRAIN, 0, PBT_NOISE), eval_dataset=linear_data(PBT_EVAL, 1, 0.0))
+        trainer.evaluate()  # every search runs on the same warm workers
         for repeat in range(repeats):
-            fixed, pbt = run_fixed_and_pbt(trainer)
-            target = fixed["best"] * 1.01
-            for side in (fixed, pbt):
+            sides = run_pbt_arms(trainer)
+            target = min(side["best"] for side in sides[:-1]) * 1.01
+            for side in sides:
                 side["to_target"] = time_to_target(side["records"], target)
-            rows.append((fixed, pbt))
+            rows.append(sides)
+            pbt = sides[-1]
             schedule = ", ".join(f"step {step}: lr {config['learning_rate']:.3g}" for step, config in pbt["schedule"])
             print(f"repeat {repeat}: target {target:.5g} | " + " | ".join(
                 f"{side['side']}: wall {side['wall']:.1f}s best {side['best']:.5g} to-target {side['to_target']:.1f}s "
-                f"trial steps {side['steps']}" for side in (fixed, pbt))
+                f"trial steps {side['steps']}" for side in sides)
                   + f" | PBT exploits {pbt['exploits']}, best schedule: {schedule}", flush=True)
         trainer.close()
 
     def median(side: int, key: str) -> float:
         return statistics.median(row[side][key] for row in rows)
 
-    print(f"\n{len(PBT_RATES)} trials x {PBT_STEPS} steps (SGD, constant learning rate, eval every {PBT_EVAL_STEPS}), "
-          f"medians over {repeats} repeats; Ray start-up before the repeats: {ray_start:.1f}s\n")
-    print("| metric | fixed configs (ASHA) | PBT | ratio PBT/fixed |")
-    print("|---|---|---|---|")
+    names = [side["side"] for side in rows[0]]
+    print(f"\n{len(PBT_RATES)} trials x {PBT_STEPS} steps (SGD, batch {PBT_BATCH}, {PBT_FEATURES} features, label noise "
+          f"{PBT_NOISE}, eval every {PBT_EVAL_STEPS}), medians over {repeats} repeats; Ray start-up before the "
+          f"repeats: {ray_start:.1f}s\n")
+    print(f"| metric | {' | '.join(names)} | ratio PBT/fixed | ratio PBT/linear decay |")
+    print("|---|---|---|---|---|---|")
     for label, key, unit in (("best objective (eval loss)", "best", ""),
-                             ("time to target (1% of the fixed configs' best)", "to_target", "s"),
+                             ("time to target (1% of the best fixed config)", "to_target", "s"),
                              ("wall time", "wall", "s"), ("training steps of all trials", "steps", "")):
-        fixed, pbt = median(0, key), median(1, key)
-        print(f"| {label} | {fixed:.4g}{unit} | {pbt:.4g}{unit} | {pbt / fixed:.2f} |")
+        values = [median(side, key) for side in range(len(names))]
+
+        def ratio(value: float, reference: float) -> str:
+            return f"{value / reference:.2f}" if np.isfinite(value) and np.isfinite(reference) else "-"
+
+        print(f"| {label} | " + " | ".join(f"{value:.4g}{unit}" if np.isfinite(value) else "not reached"
+                                           for value in values)
+              + f" | {ratio(values[2], values[0])} | {ratio(values[2], values[1])} |")
+    print(f"| PBT exploits | | | {median(2, 'exploits'):g} | | |")
 
 
 def start_ray() -> float:

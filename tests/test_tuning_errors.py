@@ -200,6 +200,11 @@ def test_schedulers_that_pause_trials_get_every_trial_at_once():
         kwargs = {"scheduler": scheduler}
         TrialConcurrency(kwargs, limit=limit).open_up()
         assert kwargs == {"scheduler": scheduler, "max_concurrent_trials": limit}
+    # A population larger than the pool is alive at once (its trials take turns on the groups); others get the pool.
+    for scheduler, alive in ((pbt, 6), (HyperBandScheduler(), 6), (ASHAScheduler(), None), (None, None)):
+        kwargs = {"scheduler": scheduler}
+        TrialConcurrency(kwargs, limit=2, population=6)
+        assert kwargs.get("max_concurrent_trials") == alive
 
 
 def test_a_users_own_concurrency_limit_is_kept():

@@ -17,6 +17,7 @@ from helpers import RegressionModel
 from helpers import regression_dataset as regression_data
 from raytrainer.tune.exploit import ResumeWithTrialHyperparameters
 from raytrainer.tune.results import continue_schedule
+from raytrainer.tune.trial_config import finished_run
 
 GOOD_LR, SLOW_LR = 0.5, 1e-3  # see test_tuning.py: lr 0.5 fits the regression in 20 steps, 1e-3 barely moves
 # What an exploited trial trains with from then on: every value differs from both trials' own.
@@ -176,6 +177,15 @@ def test_pbt_mutation_keys_must_be_training_arguments_fields(tmp_path):
             hp_space=lambda trial: {"learning_rate": tune.choice([0.1, 0.2])}, n_trials=2, scheduler=scheduler)
 
 
+def test_a_finished_runs_checkpoint_is_told_apart(tmp_path):
+    for name, state, finished in (("end", {"global_step": 20, "max_steps": 20}, True),
+                                  ("middle", {"global_step": 12, "max_steps": 20}, False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(state))
+        assert finished_run(str(tmp_path / name)) is finished
+    assert finished_run(str(tmp_path / "missing")) is False
+
+
 def test_a_schedule_continues_the_one_that_made_the_checkpoint():
     a, b, c = {"learning_rate": 0.5}, {"learning_rate": 0.1}, {"learning_rate": 0.02}
     assert continue_schedule(None, a) == ((0, a),)
@@ -183,3 +193,30 @@ def test_a_schedule_continues_the_one_that_made_the_checkpoint():
     assert continue_schedule((8, ((0, a),)), b) == ((0, a), (8, b))  # an exploit
     # Cloned at step 12 from a run exploited at 8 and again at 16: only what made the step-12 checkpoint counts.
     assert continue_schedule((12, ((0, a), (8, b), (16, a))), c) == ((0, a), (8, b), (12, c))
+
+
+def test_a_pbt_population_larger_than_the_pool_is_one_population(ray_session, tmp_path):
+    """3 trials, workers that fit one at a time: the 3 take turns on one group, and synchronous PBT compares all 3
+    at each perturbation (no trial goes past it before every trial got there), not one small population after
+    another; and no trial trains past max_steps (PBT perturbs at the last evaluation, step 8, too)."""
+    trainer = make_trainer(tmp_path / "out", max_steps=8, eval_steps=2, resources_per_worker={"CPU": 5})
+    reported: list[tuple[str, int]] = []
+
+    class Order(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            reported.append((trial.trial_id, result["training_iteration"], result["step"]))
+
+    scheduler = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2, synch=True,
+                                        hyperparam_mutations={"learning_rate": [SLOW_LR, 0.1, GOOD_LR]})
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": tune.grid_search([SLOW_LR, 0.1, GOOD_LR])},
+        n_trials=1, scheduler=scheduler, callbacks=[Order()])
+    trainer.close()
+    trials = {trial.trial_id for trial in best.run_summary.trials}
+    assert len(trials) == 3 and all(t.status == "TERMINATED" for t in best.run_summary.trials)
+    first_past = next(i for i, (_, iteration, _) in enumerate(reported) if iteration > 2)
+    assert {trial for trial, iteration, _ in reported[:first_past] if iteration == 2} == trials
+    assert scheduler._num_perturbations >= 1
+    # PBT also pauses (and may exploit) at the last evaluation: a trial restored from a finished run's checkpoint
+    # ends there, it does not train past max_steps.
+    assert max(step for *_, step in reported) == 8

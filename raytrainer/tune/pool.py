@@ -151,8 +151,12 @@ class TrialConcurrency:
 
     NEVER_PAUSING = ("FIFOScheduler", "AsyncHyperBandScheduler", "MedianStoppingRule")
 
-    def __init__(self, tune_kwargs: dict[str, Any], limit: int):
-        """Set up `tune_kwargs` (`search_alg`, `max_concurrent_trials`) for at most `limit` trials at once."""
+    def __init__(self, tune_kwargs: dict[str, Any], limit: int, population: int | None = None):
+        """Set up `tune_kwargs` (`search_alg`, `max_concurrent_trials`) for at most `limit` trials at once, or
+        `population` trials under a scheduler that compares a population or bracket (PBT, HyperBand): those trials
+        must all be alive at once, more than the pool's groups, and wait for a group in turn (a paused trial gives
+        its group back). Tune's `max_concurrent_trials` caps the trials alive, so set to the pool's size it would
+        shrink PBT's population to the trials that fit side by side, one small population after another."""
         from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
         self.limit, self.limiter = limit, None
@@ -161,6 +165,9 @@ class TrialConcurrency:
         if search_alg is not None and (not isinstance(search_alg, Searcher) or isinstance(search_alg,
                                                                                           ConcurrencyLimiter)):
             return  # the user's own ConcurrencyLimiter or search generator sets it (Tune refuses a second limit)
+        if population is not None and compares_population(scheduler):
+            tune_kwargs["max_concurrent_trials"] = max(population, limit)
+            return
         if limit == 1 or (scheduler is not None and type(scheduler).__name__ not in self.NEVER_PAUSING):
             tune_kwargs["max_concurrent_trials"] = limit
             return
@@ -175,6 +182,14 @@ class TrialConcurrency:
         if hasattr(self.limiter, "searcher"):  # a ConcurrencyLimiter: the searcher may keep its own limit
             self.limiter.searcher.set_max_concurrency(self.limit)
         self.limiter.max_concurrent = self.limit
+
+
+def compares_population(scheduler: Any) -> bool:
+    """PBT (and PB2) and synchronous HyperBand pause trials until the rest of their population or bracket gets
+    there: every trial of it must be alive at once."""
+    from ray.tune.schedulers import HyperBandScheduler, PopulationBasedTraining
+
+    return isinstance(scheduler, (PopulationBasedTraining, HyperBandScheduler))
 
 
 _IDLE_LENDERS: list = []  # lenders of finished searches in this driver, kept for the next search

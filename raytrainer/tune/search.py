@@ -31,6 +31,7 @@ class SearchPlan:
     compute_objective: Callable[[dict[str, float]], float]
     tune_kwargs: dict[str, Any]
     pool_size: int  # warm worker groups the trials share (as many as run side by side)
+    population: int  # trials alive at once under PBT or HyperBand (they take turns on the groups)
 
 
 def hyperparameter_search(
@@ -87,7 +88,7 @@ def hyperparameter_search(
     adopted = session.lend(trainer.args, usable=not ray_datasets)  # the Trainer's warm workers serve first trials
     close_all_worker_groups(idle_only=True, keep=adopted)  # other Trainers' idle workers would hold resources
     tune_kwargs = dict(plan.tune_kwargs)
-    concurrency = TrialConcurrency(tune_kwargs, plan.pool_size)
+    concurrency = TrialConcurrency(tune_kwargs, plan.pool_size, population=plan.population)
     groups = SearchGroups(WorkerGroupSpec.of(trainer.args), plan.pool_size, ray_datasets, adopted=adopted,
                           concurrency=concurrency)
     try:
@@ -144,11 +145,17 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
     tune_kwargs.setdefault("raise_on_failed_trial", False)
     tune_kwargs.setdefault("reuse_actors", True)  # a trial actor holds no workers: the next trial starts at once
     fits = fits or max(1, int(cluster.get("CPU", 1)))  # workers that need no resources: a group per CPU
-    pool_size = min(count_trials(config, n_trials), fits, tune_kwargs.get("max_concurrent_trials") or fits)
+    trials = count_trials(config, n_trials)
+    pool_size = min(trials, fits, tune_kwargs.get("max_concurrent_trials") or fits)
     tune_kwargs["max_concurrent_trials"] = pool_size  # a trial beyond the pool would wait for a group anyway
+    # ... except under PBT/HyperBand, whose whole population must be alive: trial drivers that hold no resources
+    # wait for a group in turn; ones that hold some (the user's resources_per_trial) would starve the workers.
+    driver = tune_kwargs["resources_per_trial"]
+    light = isinstance(driver, dict) and not any(driver.get(key, 0) for key in ("cpu", "CPU", "gpu", "GPU"))
+    population = min(trials, limit or trials) if light else pool_size
     return SearchPlan(param_space=config, mode=mode, scope=scope,
                           compute_objective=compute_objective or default_compute_objective,
-                          tune_kwargs=tune_kwargs, pool_size=pool_size)
+                          tune_kwargs=tune_kwargs, pool_size=pool_size, population=population)
 
 
 def share_trainer(trainer: Any, settings: Any) -> tuple[list, dict]:

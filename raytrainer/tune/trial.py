@@ -16,7 +16,7 @@ import ray
 
 from raytrainer.backend.channel import CommandFinished, CommandRequest, GroupStopped, Superseded, TrialReport
 from raytrainer.tune.trial_command import TrialCommand
-from raytrainer.tune.trial_config import CHECKPOINT_PATH
+from raytrainer.tune.trial_config import CHECKPOINT_PATH, finished_run
 
 
 def run_trial(config: dict, pool: Any, shared: list, report_checkpoints: bool) -> None:
@@ -26,6 +26,8 @@ def run_trial(config: dict, pool: Any, shared: list, report_checkpoints: bool) -
 
     trial_id = tune.get_context().get_trial_id()
     restored = tune.get_checkpoint()  # set when PBT restarts this trial from another trial's checkpoint
+    if restored is not None and finished_run(restored.path):
+        return  # PBT paused the trial at its last evaluation: its training is over, the trial ends here
     command = TrialCommand(trial_id=trial_id, config=dict(config), settings=[shared[2]],
                            restored_from=restored.path if restored is not None else None)
     request = CommandRequest(recipe=[shared[0]], callbacks=[shared[1]], command=[ray.put(command)])

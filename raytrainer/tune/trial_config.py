@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -30,3 +31,17 @@ def apply_hyperparameters(args: Any, hyperparameters: dict[str, Any],
         if hasattr(args, "logging_dir"):
             args.logging_dir = os.path.join(output_dir, "runs")
     return args
+
+
+def finished_run(folder: str) -> bool:
+    """Whether the transformers checkpoint in `folder` ends its run (`global_step >= max_steps` in its
+    trainer_state.json). PBT pauses a trial at its last evaluation too, and may restore it from such a checkpoint
+    (its own or a donor's): nothing is left to train then, and transformers, resumed there, would train a step past
+    `max_steps` (and evaluate), so that PBT restores it again, one step at a time."""
+    path = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(path):  # not a local transformers checkpoint (a URI): the workers resume it as before
+        return False
+    with open(path) as file:
+        state = json.load(file)
+    max_steps = state.get("max_steps") or 0
+    return max_steps > 0 and (state.get("global_step") or 0) >= max_steps
