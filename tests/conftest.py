@@ -50,10 +50,11 @@ def _start_session_ray(ray) -> None:
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
+        # address="local": the session's own Ray even where a stale `ray start` record or RAY_ADDRESS names another.
         # num_gpus=0: on a GPU machine every test keeps its CPU (gloo) path; the GPU set (tests/test_gpu.py, run by
         # bench/gpu_check.sh) asks for GPUs with RAYTRAINER_TEST_GPUS.
-        ray.init(num_cpus=8, num_gpus=int(os.environ.get("RAYTRAINER_TEST_GPUS", "0")), logging_level="WARNING",
-                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        ray.init(address="local", num_cpus=8, num_gpus=int(os.environ.get("RAYTRAINER_TEST_GPUS", "0")),
+                 logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     finally:
         if previous is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
