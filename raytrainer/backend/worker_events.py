@@ -7,9 +7,11 @@ Every rank also takes the same `TrainerControl` decisions. transformers' Trainer
 and never compares them, so a user callback that sets a flag on one rank only (a rank-local metric, a file only one
 node sees) makes that rank stop, save, evaluate or log -- each but stopping runs collectives -- while the other ranks
 do something else, and all of them wait for each other until the process-group timeout (30 minutes). Here the flags
-are combined across ranks with a logical OR after every hook whose flags transformers reads next: a decision any rank
-makes is made by every rank, at the same step (accelerate's `set_trigger`/`check_trigger` make the same choice for
-early stopping). This callback is the last one on the Trainer, so it sees what the user's callbacks decided.
+are combined across ranks with a logical OR after the hooks transformers calls on every rank at the same point of
+its loop (`on_step_end`, `on_substep_end`, `on_epoch_end`, `on_evaluate`, `on_save`): a decision any rank makes there
+is made by every rank, at the same step (accelerate's `set_trigger`/`check_trigger` make the same choice for early
+stopping). This callback is the last one on the Trainer, so it sees what the user's callbacks decided. `on_log` is
+left out: a Trainer may log on one rank only, and a collective there would hang.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class WorkerEvents(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.rank == 0 and logs is not None:
             self.channel.push.remote(LogEvent({**logs, "step": state.global_step}))
-        self._agree(control)
+        # No `_agree` here: a Trainer subclass may call `self.log(...)` on rank 0 only (transformers allows it), and
+        # a collective in on_log would then wait forever. A flag set in on_log is combined at the next agreeing hook.
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.rank == 0:
