@@ -27,6 +27,7 @@ from raytrainer.backend.weights import load_slots
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test-only actor and reward go by value
 PROMPTS = ["1+2=", "30+4=", "12+12=", "7+40="]
+pytestmark = pytest.mark.timeout(300)  # a restart that never gets its weights loops or waits: fail, do not hang
 RUN = dict(samples_per_prompt=2, max_staleness=1, generation_kwargs={"max_new_tokens": 3})
 ROUNDS = 3
 
