@@ -138,6 +138,10 @@ DRIVER = textwrap.dedent("""
                       train_dataset=regression_dataset(32))
     session = trainer._raytrainer_workers
     started_early = session._early is not None
+    # another Trainer's call while the background start is still inside ray.init(): it waits, then trains there
+    connecting = not ray.is_initialized()
+    second = Trainer(model=RegressionModel(), args=TrainingArguments({out!r} + "-second", **values),
+                     train_dataset=regression_dataset(32)).train()
     session._finish_early_start()  # (what train() does first) to see which group the background start made
     early_group = session._early_group
     ours = trainer.train()
@@ -152,7 +156,7 @@ DRIVER = textwrap.dedent("""
     actors = sorted({{line.split(":actor_name:")[1].strip() for path in glob.glob(node.get_logs_dir_path() + "/worker-*.out")
                       for line in open(path) if ":actor_name:" in line}})
     idle = [path for path in glob.glob(node.get_logs_dir_path() + "/worker-*-ffffffff-*.out")]  # of no job
-    print("DRIVER " + json.dumps({{"actors": actors, "idle_workers": len(idle),
+    print("DRIVER " + json.dumps({{"actors": actors, "connecting": connecting, "second": second.training_loss, "idle_workers": len(idle),
         "dead": dead, "started_early": started_early, "used_early_group": used_early_group,
         "ours": ours.training_loss, "theirs": theirs.training_loss, "gcs": ray.get_runtime_context().gcs_address,
         "session_dir": node.get_session_dir_path(), "webui_url": node.address_info.get("webui_url"),
@@ -180,6 +184,7 @@ def test_first_trainer_starts_an_embedded_ray_early_past_a_stale_record(tmp_path
         assert report["session_dir"].startswith(private_tmp) and report["gcs"].startswith("127.0.0.1:")
         assert report["started_early"] and report["used_early_group"]
         assert report["ours"] == pytest.approx(report["theirs"], rel=1e-6)
+        assert report["connecting"] and report["second"] == pytest.approx(report["theirs"], rel=1e-6)
         # Ray still runs its API server process, with the dashboard's modules and frontend left out
         assert not report["webui_url"] and report["dashboard"]
         assert all("--disable-frontend" in command for command in report["dashboard"]), report["dashboard"]

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 import ray
@@ -16,6 +17,7 @@ from raytrainer.arguments import ray_settings
 logger = logging.getLogger(__name__)
 
 _embedded = {"started": False}
+_connecting = threading.Lock()
 RECORD_CHECK_TIMEOUT_S = 1.0  # how long a recorded local cluster may take to accept a connection
 
 
@@ -23,7 +25,14 @@ def ensure_ray(address: str | None = None) -> None:
     """Connect to Ray once per driver: `address`, RAY_ADDRESS / the job's cluster, a running local cluster,
     or else an embedded local Ray for this driver. Never starts a second local Ray.
 
-    Raises `ValueError` when `address` names another cluster than the one this process is already connected to."""
+    Raises `ValueError` when `address` names another cluster than the one this process is already connected to.
+    One thread at a time: a background start (`backend.early_start`) may be inside `ray.init()` when another
+    Trainer's call connects; that call waits for it and then finds Ray connected."""
+    with _connecting:
+        _ensure_ray(address)
+
+
+def _ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         if address:
             check_same_cluster(address)
