@@ -100,6 +100,13 @@ def training_settings(tmp_path, name: str, **overrides) -> dict:
     return values
 
 
+def training_arguments(tmp_path, name: str = "rt", **overrides):
+    """raytrainer's TrainingArguments of `training_settings` (Ray fields such as num_workers go in `overrides`)."""
+    from raytrainer import TrainingArguments
+
+    return TrainingArguments(**training_settings(tmp_path, name, **overrides))
+
+
 def killed_pid(marker: str, timeout_s: float = 30.0) -> int:
     """The pid KillWorkerOnce wrote to `marker`, after checking that the process is really gone."""
     with open(marker) as file:
