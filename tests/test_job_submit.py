@@ -123,7 +123,7 @@ def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
     ours, theirs = load_file(output_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=lambda text: f"{name}: {text}")
 
     final = assert_complete_checkpoint(checkpoints(output_dir)[last_step + 4], last_step + 4)
     logged_steps = [entry["step"] for entry in final["log_history"] if "loss" in entry]

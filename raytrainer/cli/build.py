@@ -35,6 +35,11 @@ def build_training_job(config: JobConfig) -> ConfiguredJob:
     task = config.model["task"]
     train = tokenize(config, load_split(config, "train"), tokenizer, "train")
     evaluation = tokenize(config, load_split(config, "eval"), tokenizer, "eval") if "eval" in config.data else None
+    # A model built from model.config starts from random weights: seeded with training.seed first, as transformers'
+    # example scripts do, so that the same job gives the same run (a resumed job matches an uninterrupted one).
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     model = build_model(config, tokenizer, train)
     return ConfiguredJob(model=model, args=args, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation,
                        data_collator=build_collator(task, tokenizer))
