@@ -92,6 +92,16 @@ class KillWorkerOnce(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StepsRun(TrainerCallback):
+    """The steps this attempt ran (the driver gets rank 0's instance from the attempt that finished)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 def training_settings(tmp_path, name: str, **overrides) -> dict:
     """TrainingArguments keywords of a small, quiet run in `tmp_path/name`: no saving, no reporting, no bars."""
     values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,

@@ -9,10 +9,9 @@ import pytest
 import torch
 import transformers
 
-from helpers import RegressionModel, process_gone, regression_dataset, training_settings
+from helpers import RegressionModel, StepsRun, process_gone, regression_dataset, training_settings
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
-from test_fault_tolerance import StepsRun
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
