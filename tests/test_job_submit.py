@@ -82,7 +82,7 @@ def submitted_job_id(cli_output: str) -> str:
 
 def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
     """`ray job submit` a run, `ray job stop` it mid-run, resume it with JobSubmissionClient to SUCCEEDED, with the
-    weights of an uninterrupted run of the same job (submitted next to the resumed one). A constant learning rate:
+    weights of an uninterrupted run of the same job (submitted after the resumed one). A constant learning rate:
     the resumed run's max_steps differs from the stopped one's, and a decaying schedule depends on max_steps."""
     from ray.job_submission import JobStatus
 
@@ -113,12 +113,12 @@ def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
     entrypoint = " ".join(["raytrainer", "train", "job.yaml", *settings, "--set", f"max_steps={last_step + 4}",
                            "--set", "resume_from_checkpoint=true"])
     resumed = jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
-    reference_dir = tmp_path / "uninterrupted"
+    assert wait_for_job(jobs, resumed, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(resumed)
+    reference_dir = tmp_path / "uninterrupted"  # after the resumed job: its worker lines reach its log unhurried
     reference = jobs.submit_job(entrypoint=" ".join(["raytrainer", "train", "job.yaml", "--set",
                                                      f"output_dir={reference_dir}", *common, "--set",
                                                      f"max_steps={last_step + 4}"]),
                                 runtime_env={"working_dir": str(working_dir)})
-    assert wait_for_job(jobs, resumed, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(resumed)
     assert wait_for_job(jobs, reference, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(reference)
     ours, theirs = load_file(output_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
     assert ours.keys() == theirs.keys()
