@@ -9,33 +9,78 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from typing import Any
 
 import torch
 from transformers.trainer import Trainer as TransformersTrainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from raytrainer.arguments import ray_settings
 from raytrainer.backend.data_transport import is_ray_dataset
 
 
 def resolve_resume(args: Any, resume_from_checkpoint: str | bool | None) -> str | None:
-    """transformers' meaning of `resume_from_checkpoint`, checked here: True is the last checkpoint in
-    output_dir, a path must be a checkpoint folder. Returns an absolute path (the workers share it), or None."""
+    """transformers' meaning of `resume_from_checkpoint`, checked here: True is the last complete checkpoint in
+    output_dir, a path must be a checkpoint folder whose files load without running code. Returns an absolute path
+    (the workers share it), or None."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
     if resume_from_checkpoint is True:
-        found = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        found = last_complete_checkpoint(args.output_dir)
         if found is None:
             raise ValueError(f"No valid checkpoint found in output directory ({args.output_dir}): train without "
                              "resume_from_checkpoint, or pass a checkpoint folder.")
-        return os.path.abspath(found)
-    path = str(resume_from_checkpoint)
-    if not os.path.isdir(path):
-        raise ValueError(f"Can't find a valid checkpoint at {path}: resume_from_checkpoint must be a "
-                         "checkpoint-<step> folder (on storage the driver and the workers share), or True for the last "
-                         "one in output_dir.")
+        path = found
+    else:
+        path = str(resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise ValueError(f"Can't find a valid checkpoint at {path}: resume_from_checkpoint must be a "
+                             "checkpoint-<step> folder (on storage the driver and the workers share), or True for the "
+                             "last one in output_dir.")
+    check_loads_without_code(path)
     return os.path.abspath(path)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-<step>` folder in `output_dir` that holds trainer_state.json: transformers'
+    `_save_checkpoint` writes that file last, so a folder without it was cut off mid-write (a killed worker, a
+    stopped job). transformers' `get_last_checkpoint` would take such a folder, and the resume would then fail on the
+    workers (No such file: .../trainer_state.json) although an earlier complete checkpoint is there."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {int(match.group(1)): name for name in os.listdir(output_dir)
+             if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))}
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, steps[step])
+        if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+            return folder
+    return None
+
+
+def check_loads_without_code(folder: str) -> None:
+    """Refuse a checkpoint a `torch.load(weights_only=True)` file of which holds pickled objects other than tensors
+    and plain data (a pickled object's `__reduce__` runs code when it is loaded). transformers loads these files with
+    weights_only=True and would fail on every worker with torch's message, which names neither the file nor the
+    checkpoint. The pickles are read statically (torch's `get_unsafe_globals_in_checkpoint`): nothing in them runs.
+    training_args.bin is a full pickle by design and transformers never loads it on resume: it is not read."""
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types transformers allows in RNG states
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith((".pt", ".pth", ".bin")) or name == "training_args.bin" or not os.path.isfile(path):
+            continue
+        try:
+            with safe_globals():
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except (ValueError, RuntimeError):  # not a torch.save zip file (a legacy format): torch.load judges it
+            continue
+        if unsafe:
+            raise ValueError(
+                f"{path} holds pickled objects that are not tensors ({', '.join(sorted(unsafe))}): loading it could "
+                "run code, and transformers' torch.load(weights_only=True) would refuse it on the workers. Resume "
+                "only from checkpoints you trust; if this one is your own, save plain tensors and Python values in "
+                "it (e.g. the state_dict of your optimizer or scheduler), or resume from another checkpoint.")
 
 
 def check_trainable(trainer: Any) -> None:

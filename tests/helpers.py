@@ -92,12 +92,29 @@ class KillWorkerOnce(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StepsRun(TrainerCallback):
+    """The steps this attempt ran (the driver gets rank 0's instance from the attempt that finished)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 def training_settings(tmp_path, name: str, **overrides) -> dict:
     """TrainingArguments keywords of a small, quiet run in `tmp_path/name`: no saving, no reporting, no bars."""
     values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, per_device_eval_batch_size=4,
                   learning_rate=0.1, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
     values.update(overrides)
     return values
+
+
+def training_arguments(tmp_path, name: str = "rt", **overrides):
+    """raytrainer's TrainingArguments of `training_settings` (Ray fields such as num_workers go in `overrides`)."""
+    from raytrainer import TrainingArguments
+
+    return TrainingArguments(**training_settings(tmp_path, name, **overrides))
 
 
 def killed_pid(marker: str, timeout_s: float = 30.0) -> int:

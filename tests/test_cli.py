@@ -153,9 +153,12 @@ def test_invalid_training_values_are_reported(job_folder):
 
 def test_resume_needs_an_existing_checkpoint(job_folder):
     path = job_folder / "job.yaml"
-    with pytest.raises(ConfigError, match="holds no checkpoint-<step> folder"):
+    with pytest.raises(ConfigError, match="holds no complete checkpoint-<step> folder"):
         build_training_job(load_job_config(path, ["resume_from_checkpoint=true"]))
-    (job_folder / "out" / "checkpoint-4").mkdir(parents=True)
+    (job_folder / "out" / "checkpoint-4").mkdir(parents=True)  # cut off mid-write: no trainer_state.json yet
+    with pytest.raises(ConfigError, match="holds no complete checkpoint-<step> folder"):
+        build_training_job(load_job_config(path, ["resume_from_checkpoint=true"]))
+    (job_folder / "out" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     assert build_training_job(load_job_config(path, ["resume_from_checkpoint=true"])).args.max_steps == 3
     with pytest.raises(ConfigError, match="is not a checkpoint folder"):
         build_training_job(load_job_config(path, ["resume_from_checkpoint=nowhere/checkpoint-9"]))

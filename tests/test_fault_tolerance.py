@@ -6,23 +6,12 @@ import shutil
 
 import pytest
 import transformers
-from transformers import TrainerCallback
 
-from helpers import KillWorkerOnce, RegressionModel, killed_pid, regression_dataset
+from helpers import KillWorkerOnce, RegressionModel, StepsRun, killed_pid, regression_dataset
 from parity import assert_weights_close, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-class StepsRun(TrainerCallback):
-    """The steps this attempt ran (the driver gets rank 0's instance from the attempt that finished)."""
-
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.steps.append(state.global_step)
 
 
 class RemoveLocalCheckpointsAndKill(KillWorkerOnce):

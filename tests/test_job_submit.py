@@ -81,13 +81,16 @@ def submitted_job_id(cli_output: str) -> str:
 
 
 def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
-    """`ray job submit` a run, `ray job stop` it mid-run, resume it with JobSubmissionClient to SUCCEEDED."""
+    """`ray job submit` a run, `ray job stop` it mid-run, resume it with JobSubmissionClient to SUCCEEDED, with the
+    weights of an uninterrupted run of the same job (submitted after the resumed one). A constant learning rate:
+    the resumed run's max_steps differs from the stopped one's, and a decaying schedule depends on max_steps."""
     from ray.job_submission import JobStatus
 
     jobs = client(head)
     output_dir = tmp_path / "run"
-    settings = ["--set", f"output_dir={output_dir}", "--set", "save_steps=2", "--set", "eval_steps=4",
-                "--set", "logging_steps=1", "--set", "save_total_limit=3"]
+    common = ["--set", "save_steps=2", "--set", "eval_steps=4", "--set", "logging_steps=1", "--set",
+              "save_total_limit=3", "--set", "lr_scheduler_type=constant"]
+    settings = ["--set", f"output_dir={output_dir}", *common]
     submitted = head.ray("job", "submit", "--no-wait", "--working-dir", str(working_dir), "--",
                          "raytrainer", "train", "job.yaml", *settings, "--set", "max_steps=1000", check=False)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -111,6 +114,16 @@ def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
                            "--set", "resume_from_checkpoint=true"])
     resumed = jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
     assert wait_for_job(jobs, resumed, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(resumed)
+    reference_dir = tmp_path / "uninterrupted"  # after the resumed job: its worker lines reach its log unhurried
+    reference = jobs.submit_job(entrypoint=" ".join(["raytrainer", "train", "job.yaml", "--set",
+                                                     f"output_dir={reference_dir}", *common, "--set",
+                                                     f"max_steps={last_step + 4}"]),
+                                runtime_env={"working_dir": str(working_dir)})
+    assert wait_for_job(jobs, reference, {JobStatus.SUCCEEDED}) == JobStatus.SUCCEEDED, jobs.get_job_logs(reference)
+    ours, theirs = load_file(output_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=lambda text: f"{name}: {text}")
 
     final = assert_complete_checkpoint(checkpoints(output_dir)[last_step + 4], last_step + 4)
     logged_steps = [entry["step"] for entry in final["log_history"] if "loss" in entry]
@@ -124,6 +137,10 @@ def test_job_submit_stop_and_resume(head, working_dir, tmp_path):
     logs = re.sub(r"\x1b\[[0-9;]*m", "", head.ray("job", "logs", resumed).stdout)  # without terminal colours
     (tmp_path / "resumed-job.log").write_text(logs)
     assert f"raytrainer: trained {last_step + 4} steps" in logs
+    # It trained the 4 steps after the stop only (logging_steps=1: a loss line a step); a run from scratch, whose
+    # weights would equal the uninterrupted run's too, trains them all.
+    assert logs.count("{'loss': ") == 4, logs[-3000:]
+    assert jobs.get_job_logs(reference).count("{'loss': ") == last_step + 4
     assert re.search(r"\(RayTrainWorker pid=\d+[^)]*\) \[rank [01]\] ", logs), "worker lines need rank prefixes"
     assert "[raytrainer] train step" in logs, "progress must become log lines outside a terminal"
     assert "\r" not in logs, "no terminal progress bars in job logs"

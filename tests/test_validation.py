@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import RegressionModel, regression_dataset
+from helpers import RegressionModel, regression_dataset, training_arguments
 from raytrainer import Trainer, TrainingArguments
 
 # Each check must raise before any worker starts, also when an earlier test left Ray or an idle group running; the
@@ -15,30 +15,26 @@ from raytrainer import Trainer, TrainingArguments
 pytestmark = pytest.mark.usefixtures("no_worker_start")
 
 
-def args(tmp_path, **overrides):
-    return TrainingArguments(str(tmp_path / "out"), report_to=[], disable_tqdm=True, **overrides)
-
-
 def test_train_without_train_dataset(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="training requires a train_dataset"):
-        Trainer(model=RegressionModel(), args=args(tmp_path)).train()
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out")).train()
 
 
 def test_evaluate_without_eval_dataset(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="evaluation requires an eval_dataset"):
-        Trainer(model=RegressionModel(), args=args(tmp_path)).evaluate()
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out")).evaluate()
 
 
 def test_dataset_missing_a_required_model_input(tmp_path, no_ray_start):
     data = regression_dataset(8).rename_column("x", "feature")
     with pytest.raises(ValueError, match=r"no \['x'\], which the model's forward requires"):
-        Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=data).train()
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out"), train_dataset=data).train()
 
 
 def test_dataset_without_labels_cannot_train(tmp_path, no_ray_start):
     data = regression_dataset(8).remove_columns("labels")
     with pytest.raises(ValueError, match=r"no label \['labels'\]"):
-        Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=data).train()
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out"), train_dataset=data).train()
 
 
 def test_a_collator_that_fails_is_named(tmp_path, no_ray_start):
@@ -46,24 +42,24 @@ def test_a_collator_that_fails_is_named(tmp_path, no_ray_start):
         raise KeyError("input_ids")
 
     with pytest.raises(ValueError, match="data_collator.*failed on the first examples of the training dataset"):
-        Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=regression_dataset(8),
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out"), train_dataset=regression_dataset(8),
                 data_collator=broken).train()
 
 
 def test_ray_fields_are_validated(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="num_workers=0 is invalid: use a whole number >= 1"):
-        args(tmp_path, num_workers=0)
+        training_arguments(tmp_path, "out", num_workers=0)
     with pytest.raises(ValueError, match="placement_strategy='EVERYWHERE' is invalid"):
-        args(tmp_path, placement_strategy="EVERYWHERE")
+        training_arguments(tmp_path, "out", placement_strategy="EVERYWHERE")
     with pytest.raises(ValueError, match="use_gpu=True contradicts use_cpu=True"):
-        args(tmp_path, use_gpu=True, use_cpu=True)
+        training_arguments(tmp_path, "out", use_gpu=True, use_cpu=True)
     with pytest.raises(ValueError, match="worker_idle_timeout=-1 is invalid"):
-        args(tmp_path, worker_idle_timeout=-1)
+        training_arguments(tmp_path, "out", worker_idle_timeout=-1)
 
 
 def test_fp16_on_cpu_workers(tmp_path, no_ray_start):
     with pytest.raises(ValueError, match="fp16=True needs GPUs"):
-        Trainer(model=RegressionModel(), args=args(tmp_path, use_gpu=False, fp16=True),
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out", use_gpu=False, fp16=True),
                 train_dataset=regression_dataset(8)).train()
 
 
@@ -75,26 +71,27 @@ class LockedModel(RegressionModel):
 
 def test_unserializable_components_are_named(tmp_path, ray_session):
     with pytest.raises(TypeError, match="`model` \\(LockedModel\\) cannot be serialized.*Make it picklable"):
-        Trainer(LockedModel(), args(tmp_path), train_dataset=regression_dataset(8)).train()
+        Trainer(LockedModel(), training_arguments(tmp_path, "out"), train_dataset=regression_dataset(8)).train()
 
     def metrics_with_lock(prediction, lock=threading.Lock()):
         return {}
     with pytest.raises(TypeError, match="`compute_metrics` \\(function\\) cannot be serialized.*Make it picklable"):
-        Trainer(model=RegressionModel(), args=args(tmp_path), eval_dataset=regression_dataset(8),
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out"), eval_dataset=regression_dataset(8),
                 compute_metrics=metrics_with_lock).evaluate()
 
 
 def test_more_workers_or_gpus_than_the_cluster_has(tmp_path, ray_session):
     with pytest.raises(ValueError, match=r"500 workers x 1 CPU = 500 CPU, but the Ray cluster has 8"):
-        Trainer(model=RegressionModel(), args=args(tmp_path, num_workers=500),
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out", num_workers=500),
                 train_dataset=regression_dataset(8)).train()
     with pytest.raises(ValueError, match="GPU.*Lower num_workers or resources_per_worker, or set use_gpu=False"):
-        Trainer(model=RegressionModel(), args=args(tmp_path, use_gpu=True),
+        Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out", use_gpu=True),
                 train_dataset=regression_dataset(8)).train()
 
 
 def test_resume_from_a_folder_that_is_no_checkpoint(tmp_path, no_ray_start):
-    trainer = Trainer(model=RegressionModel(), args=args(tmp_path), train_dataset=regression_dataset(8))
+    trainer = Trainer(model=RegressionModel(), args=training_arguments(tmp_path, "out"),
+                      train_dataset=regression_dataset(8))
     with pytest.raises(ValueError, match="Can't find a valid checkpoint at .*nowhere"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"No valid checkpoint found in output directory \(.*out\)"):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import transformers
 
-from helpers import KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, process_gone, regression_dataset
+from helpers import (KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, process_gone, regression_dataset,
+                     training_arguments, training_settings)
 from parity import assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
@@ -18,24 +19,19 @@ def build_model():
     return RegressionModel()
 
 
-def common(**overrides):
-    values = dict(per_device_train_batch_size=8, per_device_eval_batch_size=4, learning_rate=0.1, logging_steps=1,
-                  max_steps=12, report_to=[], save_strategy="no", disable_tqdm=True)
-    return {**values, **overrides}
-
-
 def wait_until_gone(process: tuple[int, float], timeout_s: float = 60.0) -> bool:
     return process_gone(*process, timeout_s=timeout_s)
 
 
 def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tmp_path):
     data, held_out = regression_dataset(64), regression_dataset(16, seed=1)  # whole batches on 2 workers: the
-    theirs, _ = run_transformers(None, transformers.TrainingArguments(str(tmp_path / "hf"), **common()),  # same mean
+    hf_args = transformers.TrainingArguments(**training_settings(tmp_path, "hf", max_steps=12))  # same mean
+    theirs, _ = run_transformers(None, hf_args,
                                  model_init=build_model, train_dataset=data, eval_dataset=held_out)
     their_eval, their_prediction = theirs.evaluate(), theirs.predict(held_out)
 
     pids = WorkerPids()
-    args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(per_device_train_batch_size=4))
+    args = training_arguments(tmp_path, max_steps=12, num_workers=2, per_device_train_batch_size=4)
     with Trainer(model_init=build_model, args=args, train_dataset=data, eval_dataset=held_out,
                  callbacks=[pids]) as ours:
         first = ours.train()  # cold: starts the worker group
@@ -62,10 +58,10 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
 
 def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
     pids = WorkerPids()
-    args = TrainingArguments(str(tmp_path / "rt"), **common(max_steps=3))
+    args = training_arguments(tmp_path, max_steps=3)
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
     trainer.train()
-    trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, **common(max_steps=3))
+    trainer.args = training_arguments(tmp_path, max_steps=3, num_workers=2)
     trainer.train()  # a different worker group shape: the old group is released, a new one starts
     assert pids.processes[0] != pids.processes[1]
     assert wait_until_gone(pids.processes[0])
@@ -81,7 +77,7 @@ def test_new_arguments_start_a_new_group_and_close_releases_it(tmp_path):
 
 def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp_path):
     pids = WorkerPids()
-    args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=1, **common(max_steps=3))
+    args = training_arguments(tmp_path, max_steps=3, worker_idle_timeout=1)
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
                       eval_dataset=regression_dataset(8), callbacks=[pids])
     trainer.train()
@@ -93,7 +89,7 @@ def test_idle_timeout_releases_the_workers_and_the_next_call_starts_new_ones(tmp
 
 def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
     pids = WorkerPids()
-    args = TrainingArguments(str(tmp_path / "rt"), worker_idle_timeout=0, **common(max_steps=3))
+    args = training_arguments(tmp_path, max_steps=3, worker_idle_timeout=0)
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32), callbacks=[pids])
     trainer.train()
     assert trainer._raytrainer_workers.group is None and wait_until_gone(pids.processes[0])
@@ -102,16 +98,16 @@ def test_zero_idle_timeout_releases_the_workers_after_every_call(tmp_path):
 def test_worker_killed_in_a_warm_call_resumes_from_that_calls_checkpoint(tmp_path):
     """The warm group already holds the first call's checkpoints; a restart in the second call must not use them."""
     data = regression_dataset(48)
-    values = common(max_steps=16, save_strategy="steps", save_steps=4, learning_rate=0.05)
-    theirs, _ = run_transformers(None, transformers.TrainingArguments(str(tmp_path / "hf"), **values),
+    values = dict(max_steps=16, save_strategy="steps", save_steps=4, learning_rate=0.05)
+    theirs, _ = run_transformers(None, transformers.TrainingArguments(**training_settings(tmp_path, "hf", **values)),
                                  model_init=build_model, train_dataset=data)
     marker = str(tmp_path / "killed.pid")
     ours = {**values, "per_device_train_batch_size": 4}
-    first_args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2,
-                                   **{**ours, "learning_rate": 0.01})  # other weights at its checkpoint-16
+    first_args = training_arguments(tmp_path, num_workers=2, max_failures=2,
+                                    **{**ours, "learning_rate": 0.01})  # other weights at its checkpoint-16
     trainer = Trainer(model_init=build_model, args=first_args, train_dataset=data)
     trainer.train()
-    trainer.args = TrainingArguments(str(tmp_path / "rt"), num_workers=2, max_failures=2, **ours)
+    trainer.args = training_arguments(tmp_path, num_workers=2, max_failures=2, **ours)
     trainer.add_callback(KillWorkerOnce(2, marker))  # step 2 of the second call: before it saved anything
     trainer.train()
     assert killed_pid(marker)
@@ -126,7 +122,7 @@ class FailingMetrics:
 
 
 def test_an_error_in_a_warm_call_is_reported_and_the_next_call_works(tmp_path):
-    args = TrainingArguments(str(tmp_path / "rt"), **common(max_steps=3))
+    args = training_arguments(tmp_path, max_steps=3)
     trainer = Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(32),
                       eval_dataset=regression_dataset(8))
     trainer.train()

@@ -35,6 +35,11 @@ def build_training_job(config: JobConfig) -> ConfiguredJob:
     task = config.model["task"]
     train = tokenize(config, load_split(config, "train"), tokenizer, "train")
     evaluation = tokenize(config, load_split(config, "eval"), tokenizer, "eval") if "eval" in config.data else None
+    # A model built from model.config starts from random weights: seeded with training.seed first, as transformers'
+    # example scripts do, so that the same job gives the same run (a resumed job matches an uninterrupted one).
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     model = build_model(config, tokenizer, train)
     return ConfiguredJob(model=model, args=args, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation,
                        data_collator=build_collator(task, tokenizer))
@@ -55,12 +60,12 @@ def build_training_arguments(config: JobConfig):
 
 def _check_resume(resume: Any, output_dir: str) -> None:
     """Fail before Ray starts when the checkpoint to resume from is not there."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from raytrainer.checks import last_complete_checkpoint
 
     if resume is True:
-        if not Path(output_dir).is_dir() or get_last_checkpoint(output_dir) is None:
+        if last_complete_checkpoint(output_dir) is None:
             raise ConfigError(f"training.resume_from_checkpoint=true, but output_dir={output_dir!r} holds no "
-                              "checkpoint-<step> folder. Point output_dir at the earlier run, or remove "
+                              "complete checkpoint-<step> folder. Point output_dir at the earlier run, or remove "
                               "resume_from_checkpoint to start from scratch.")
     elif resume not in (None, False) and not Path(str(resume)).is_dir():
         raise ConfigError(f"training.resume_from_checkpoint={resume!r} is not a checkpoint folder. Use true (the "
