@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from helpers import free_ports
+from helpers import free_ports, processes_of, stop_processes_of
 
 RAY = str(Path(sys.executable).with_name("ray"))
 PORT_OPTIONS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
@@ -48,41 +47,12 @@ class LocalRayHead:
                               check=check)
 
     def owned_processes(self) -> list[psutil.Process]:
-        """Every live process of this head: the `ray start` process, its descendants, and anything
-        whose command line names this head's private temp dir (Ray re-parents some daemons)."""
-        found = {}
-        try:
-            head = psutil.Process(self.process.pid)
-            found[head.pid] = head
-            found.update((p.pid, p) for p in head.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-        marker = str(self.root)
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if marker in " ".join(proc.info["cmdline"] or ()):
-                    found[proc.pid] = proc
-                    found.update((p.pid, p) for p in proc.children(recursive=True))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        found.pop(os.getpid(), None)
-        return list(found.values())
+        """Every live process of this head (see `helpers.processes_of`)."""
+        return processes_of(self.process.pid, str(self.root))
 
     def stop(self) -> None:
         """SIGTERM this head's processes, SIGKILL what is left after a grace period, remove its files."""
-        processes = self.owned_processes()
-        for proc in processes:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(processes, timeout=15)
-        for proc in alive + self.owned_processes():
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        stop_processes_of(self.process.pid, str(self.root))
         self.process.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -203,3 +203,39 @@ def retry_on_taken_port(start, attempts: int = 3, taken=("address already in use
         except Exception as error:  # noqa: BLE001 - only a taken port is retried
             if attempt == attempts - 1 or not any(text in str(error).lower() for text in taken):
                 raise
+
+
+def processes_of(root_pid: int, marker: str) -> list:
+    """Every live process of a Ray node this test started: `root_pid` (the `ray start` process), its descendants,
+    and anything whose command line names `marker`, the node's private temp dir (Ray re-parents some daemons)."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if process.pid == root_pid or marker in " ".join(process.info["cmdline"] or ()):
+                found[process.pid] = process
+                found.update((child.pid, child) for child in process.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_processes_of(root_pid: int, marker: str, grace_s: float = 15) -> None:
+    """SIGTERM `processes_of(root_pid, marker)`, then SIGKILL what is left (or appeared) after `grace_s`."""
+    import psutil
+
+    processes = processes_of(root_pid, marker)
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive + processes_of(root_pid, marker):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)

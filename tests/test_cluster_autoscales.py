@@ -2,7 +2,6 @@
 waits for the node an autoscaler adds on a cluster that grows (here a real node joins the test session's Ray)."""
 
 import os
-import signal
 import shutil
 import subprocess
 import sys
@@ -11,10 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from helpers import RegressionModel, regression_dataset, training_settings
+from helpers import RegressionModel, regression_dataset, stop_processes_of, training_settings
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.backend.group import close_all_worker_groups
 
@@ -96,32 +94,8 @@ def test_a_group_the_cluster_cannot_hold_fails_at_once_unless_the_cluster_autosc
 
 
 def stop_node(node: subprocess.Popen, node_dir: str) -> None:
-    """SIGTERM the `ray start --block` process this test started and every process of its node (their command
-    lines name the node's private temp dir); SIGKILL what is left; remove the temp dir."""
-    processes = node_processes(node, node_dir)
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=20)
-    for process in alive + node_processes(node, node_dir):
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    """Stop the `ray start --block` process this test started and every process of its node (their command lines
+    name the node's private temp dir); remove the temp dir."""
+    stop_processes_of(node.pid, node_dir, grace_s=20)
     node.wait(timeout=20)
     shutil.rmtree(node_dir, ignore_errors=True)
-
-
-def node_processes(node: subprocess.Popen, node_dir: str) -> list[psutil.Process]:
-    found = {}
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if process.pid == node.pid or node_dir in " ".join(process.info["cmdline"] or ()):
-                found[process.pid] = process
-                found.update((child.pid, child) for child in process.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
