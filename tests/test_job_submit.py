@@ -173,6 +173,20 @@ def test_driver_with_ray_address_connects_to_that_cluster(head):
     assert report["session_dir"].startswith(str(head.root))
 
 
+def test_driver_without_ray_address_finds_the_ray_start_cluster(head):
+    """No RAY_ADDRESS: the driver joins the cluster `ray start --head` recorded on this machine (its temp dir)."""
+    env = {k: v for k, v in head.env.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(head.root)  # where `ray start --temp-dir` wrote its record (ray/ray_current_cluster)
+    assert (head.root / "ray" / "ray_current_cluster").is_file()
+    result = subprocess.run([sys.executable, "-c", DRIVER], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = driver_report(result.stdout)
+    assert report["gcs_address"].endswith(f":{head.gcs_address.rsplit(':', 1)[1]}")
+    assert report["session_dir"].startswith(str(head.root))
+    sessions = [p for p in (head.root / "ray").glob("session_*") if p.name != "session_latest"]
+    assert len(sessions) == 1, f"a second Ray was started: {sessions}"
+
+
 def test_driver_without_a_cluster_starts_an_embedded_local_ray():
     """No RAY_ADDRESS and no running cluster: the driver starts its own Ray and takes it down on exit."""
     private_tmp = tempfile.mkdtemp(prefix="rtdrv-", dir="/tmp")  # short: Ray's socket paths live under it
