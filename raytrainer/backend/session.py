@@ -242,8 +242,8 @@ def worker_callbacks(callbacks: list) -> list:
 
 
 def _close_later(group: WorkerGroup | EarlyStart) -> None:
-    """A garbage-collected Trainer's group (or background start) is closed by a thread of its own: garbage collection can run inside any
-    thread, Ray's own included, where calling Ray again may crash the process."""
+    """A garbage-collected Trainer's group (or background start) is closed by a thread of its own: garbage
+    collection can run inside any thread, Ray's own included, where calling Ray again may crash the process."""
     _closing.put(group)
 
 

@@ -39,7 +39,10 @@ def build_training_job(config: JobConfig) -> ConfiguredJob:
     # example scripts do, so that the same job gives the same run (a resumed job matches an uninterrupted one).
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
-    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     model = build_model(config, tokenizer, train)
     return ConfiguredJob(model=model, args=args, tokenizer=tokenizer, train_dataset=train, eval_dataset=evaluation,
                        data_collator=build_collator(task, tokenizer))

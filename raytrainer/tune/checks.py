@@ -209,6 +209,15 @@ def worker_resources(args: Any, cluster: dict[str, float]) -> dict[str, float]:
     return WorkerGroupSpec.of(args, cluster).total()
 
 
+def trial_driver_need(resources_per_trial: Any) -> dict[str, float]:
+    """The CPUs and GPUs a Tune trial's own actor holds (beside its workers'): from a `resources_per_trial` dict,
+    or a PlacementGroupFactory the user sized the trials with."""
+    driver = resources_per_trial
+    if isinstance(driver, dict):
+        return {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
+    return {name: amount for name, amount in driver.required_resources.items() if name in ("CPU", "GPU")}
+
+
 def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
                          cluster: dict[str, float], driver_node_resource: str | None = None) -> int | None:
     """Set `resources_per_trial` and `max_concurrent_trials` so that trials never starve their own workers;
@@ -229,10 +238,7 @@ def plan_trial_resources(tune_kwargs: dict[str, Any], workers: dict[str, float],
                          "no trial could start. Lower num_workers or resources_per_worker, or use a larger cluster.")
     default = {"cpu": 0, "memory": 1, **({driver_node_resource: 0.001} if driver_node_resource else {})}
     driver = tune_kwargs.setdefault("resources_per_trial", default)
-    if isinstance(driver, dict):
-        driver_need = {"CPU": driver.get("cpu", driver.get("CPU", 0)), "GPU": driver.get("gpu", driver.get("GPU", 0))}
-    else:  # a PlacementGroupFactory: the user sized the trials themselves
-        driver_need = {name: amount for name, amount in driver.required_resources.items() if name in ("CPU", "GPU")}
+    driver_need = trial_driver_need(driver)
     per_trial = {name: workers.get(name, 0) + driver_need.get(name, 0) for name in set(workers) | set(driver_need)}
     fits = min((math.floor(cluster.get(name, 0) / amount + 1e-9) for name, amount in per_trial.items() if amount),
                default=None)

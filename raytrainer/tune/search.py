@@ -18,7 +18,8 @@ from transformers.trainer_utils import default_compute_objective
 
 from raytrainer.tune.checks import (REJECTED_TUNE_KWARGS, check_backend, check_callbacks_picklable, check_direction,
                                     check_scheduler, check_scope, check_search_space, check_trainer_ready,
-                                    count_trials, plan_trial_resources, prepare_search_alg, worker_resources)
+                                    count_trials, plan_trial_resources, prepare_search_alg, trial_driver_need,
+                                    worker_resources)
 from raytrainer.tune.results import BestRun
 
 @dataclasses.dataclass
@@ -151,7 +152,7 @@ def prepare_search(trainer: Any, hp_space: Callable | None, compute_objective: C
     # ... except under PBT/HyperBand, whose whole population must be alive: trial drivers that hold no resources
     # wait for a group in turn; ones that hold some (the user's resources_per_trial) would starve the workers.
     driver = tune_kwargs["resources_per_trial"]
-    light = isinstance(driver, dict) and not any(driver.get(key, 0) for key in ("cpu", "CPU", "gpu", "GPU"))
+    light = isinstance(driver, dict) and not any(trial_driver_need(driver).values())
     population = min(trials, limit or trials) if light else pool_size
     return SearchPlan(param_space=config, mode=mode, scope=scope,
                           compute_objective=compute_objective or default_compute_objective,
