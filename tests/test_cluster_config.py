@@ -11,7 +11,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["cluster.yaml", "cluster-local.yaml"]
-DOCS = ["cluster.yaml", "cluster-local.yaml", "README.md", "examples/job_submit/README.md"]
+DOCS = ["cluster.yaml", "cluster-local.yaml", "README.md", "docs/cluster.md", "examples/job_submit/README.md"]
 
 
 def prepared(name: str) -> dict:

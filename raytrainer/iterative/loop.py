@@ -9,6 +9,7 @@ that produced it, and a round is re-sampled if it is staler than allowed.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -77,7 +78,8 @@ class RolloutLoop:
     def _launch(self, round_index: int):
         return self.trainer._generator.rollout_round.options(num_returns=2).remote(
             round_index, self.round_prompts(round_index), self.reward_fn, self.keep_rule,
-            self.samples_per_prompt, self.generation_kwargs, str(self.trainer.args.output_dir))
+            self.samples_per_prompt, self.generation_kwargs,
+            os.path.abspath(self.trainer.args.output_dir))  # the actor's working directory is not the driver's
 
     def _await_rollouts(self, round_index: int, pending: dict) -> tuple[dict, Any]:
         """Wait for a round's rollouts; restart a dead generator; re-sample rollouts that are too stale."""

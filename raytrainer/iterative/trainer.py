@@ -308,7 +308,7 @@ class IterativeSFTTrainer:
     def _save_round_checkpoint(self, completed_rounds: int) -> Path:
         """`output_dir/checkpoint-<global_step>/`: model, optimizer, scheduler and the round bookkeeping; older
         ones beyond `save_total_limit` are deleted, as transformers does."""
-        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        final = Path(self.args.output_dir).resolve() / f"checkpoint-{self.state.global_step}"  # actors: another cwd
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         ray.get(self._trainers[0].save_checkpoint.remote(str(partial)))
@@ -325,7 +325,7 @@ class IterativeSFTTrainer:
         if path is None or not (path / ROUND_STATE).exists():
             raise ValueError(f"resume_from_checkpoint={checkpoint!r}: no iterative checkpoint found "
                              f"(looked for {ROUND_STATE} under {path or self.args.output_dir}).")
-        counters = ray.get([t.load_checkpoint.remote(str(path)) for t in self._trainers])[0]
+        counters = ray.get([t.load_checkpoint.remote(str(path.resolve())) for t in self._trainers])[0]
         saved = json.loads((path / ROUND_STATE).read_text())
         self.history = saved["history"]
         self.state = TrainerState.load_from_json(str(path / "trainer_state.json"))
