@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # CPU build of torch where there is no GPU (a plain `pip install torch` pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test bench bench-iterative clean
+.PHONY: venv demo test test-quick bench bench-iterative clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest tests --basetemp=$(CURDIR)/.pytest_tmp
+
+# The edit loop: pure-logic tests and one end-to-end test per feature (tests marked `quick`); CI runs `make test`.
+test-quick: venv
+	$(PY) -m pytest tests -m quick --basetemp=$(CURDIR)/.pytest_tmp
 
 bench: venv
 	$(PY) bench/trainer_overhead.py

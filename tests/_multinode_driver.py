@@ -1,14 +1,15 @@
 """A driver on a local Ray cluster of several nodes, run as its own process (by tests/test_many_nodes.py and
 bench/node_loss.py): each node is a raylet with its own object store, and removing one is a real node loss.
 
-    python tests/_multinode_driver.py FOLDER [--scenarios spread_storage,spread_local|search|generator]
+    python tests/_multinode_driver.py FOLDER [--scenarios spread_storage,spread_local,search,generator]
 
 The cluster: a head with 0 CPUs (the driver's node) and three worker nodes. `spread_storage` and `spread_local`
 train the regression model on 2 workers (SPREAD, max_failures=1) and remove the node of worker 1 at step
 `STALL_STEP` of the first attempt (its raylet and every process on it, with SIGKILL): `spread_storage` with
 `storage_path` on a shared folder, `spread_local` without (the checkpoints stay in `output_dir`); the nodes left
 serve the next scenario. `search` runs two trials side by side and removes the node of one of them (`run_search`);
-`generator` removes the iterative SFT generator's node (`run_generator`). Each of these two wants a fresh cluster.
+`generator` removes the iterative SFT generator's node (`run_generator`). Each of these two starts with three live
+worker nodes: the nodes removed before it are replaced by new ones (`added_nodes`).
 
 Prints one JSON line: per scenario, what every worker process recorded (its node, rank, the step it started from,
 the checkpoint it resumed from, timestamps), the node removed, the final weights, and where raytrainer's own
@@ -291,6 +292,16 @@ def run_generator(cluster: Cluster, folder: str, name: str) -> dict:
     return {**outcome, **seen}
 
 
+def replace_removed_nodes(cluster: Cluster, node_cpus: int, wanted: int = 3) -> list[str]:
+    """Add worker nodes until `wanted` of them are alive; return the new nodes' ids."""
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    missing = wanted - sum(node.node_id in alive for node in cluster.worker_nodes)
+    added = [cluster.add_node(num_cpus=node_cpus) for _ in range(missing)]
+    if added:
+        cluster.wait_for_nodes()
+    return [node.node_id for node in added]
+
+
 def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -356,14 +367,16 @@ def main() -> None:
         from raytrainer.tune.pool import _take_lender
 
         result = {"driver_node": ray.get_runtime_context().get_node_id(),
-                  "worker_nodes": [node.node_id for node in worker_nodes],
+                  "worker_nodes": [node.node_id for node in worker_nodes], "added_nodes": [],
                   "lender_node": actor_node(_take_lender(one_shot=False))}
         for name in options.scenarios.split(","):
             if name in ("search", "generator"):
+                # each wants three live worker nodes: the nodes earlier scenarios removed are replaced by new ones
+                result["added_nodes"] += replace_removed_nodes(cluster, options.node_cpus)
                 result[name] = {"search": run_search, "generator": run_generator}[name](cluster, options.folder, name)
             else:
                 result[name] = run_scenario(cluster, options.folder, name, storage=name.endswith("storage"))
-        result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+                result["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         result["phases"] = {**phases, "scenarios_done": time.time()}
         with open(os.path.join(options.folder, "result.json"), "w") as file:  # kept for a look after a failure
             json.dump(result, file)

@@ -1,7 +1,9 @@
 """One Ray instance per test session (real local cluster), shared by every Ray test."""
 
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 
@@ -40,6 +42,7 @@ def ray_session():
                 if attempt == 2:
                     raise
     yield ray
+    warm_group_pool.close_all()
     ray.shutdown()
 
 
@@ -62,14 +65,106 @@ def _start_session_ray(ray) -> None:
             os.environ["RAY_API_SERVER_ADDRESS"] = previous
 
 
+class WarmGroupPool:
+    """The test session's idle warm worker groups, kept between tests.
+
+    A Trainer's group is released when the Trainer is garbage-collected, so every test would start its own (Ray
+    Train's controller, placement group and worker processes: seconds each, most of the suite's time). In the test
+    session the pool keeps such a group instead, and the next Trainer of the same worker layout takes it over as it
+    takes over another live Trainer's idle group (`raytrainer.backend.session._take_idle_group`). A test that
+    checks when groups start or end is marked `own_worker_group`: the pool is emptied before it, and its dropped
+    Trainers release their groups as they do outside the tests.
+
+    Not kept: groups whose layout allows failures (Ray Train counts a group's restarts over its whole life, so a
+    fault test's group could not serve another one), and more than `max_cpus` CPUs of groups (least recently used
+    go first): Tune trials and the iterative actors need the session's CPUs too.
+    """
+
+    def __init__(self, max_cpus: float = 4):
+        self.groups: list = []  # strong references: their Trainers are gone
+        self.max_cpus = max_cpus
+        self.closing_for_real = False  # inside an `own_worker_group` test
+
+    def install(self) -> None:
+        """Route the release of a garbage-collected Trainer's group (`session._close_later`) through the pool."""
+        from raytrainer.backend import session
+
+        release = session._close_later
+
+        def keep_or_release(group) -> None:  # runs inside garbage collection: no Ray calls here
+            from raytrainer.backend.group import WorkerGroup
+
+            owner = session._owners.get(group)
+            if (self.closing_for_real or not isinstance(group, WorkerGroup) or owner is None or group.busy
+                    or not group.alive or group.spec.max_failures != 0):
+                release(group)
+                return
+            session._owners[group] = (weakref.ref(self), owner[1])
+            self.groups.append(group)
+
+        session._close_later = keep_or_release
+
+    def _give_up(self, group) -> None:
+        """Called by `_take_idle_group` when a Trainer takes `group` over."""
+        if group in self.groups:
+            self.groups.remove(group)
+
+    def trim(self) -> None:
+        """One group per layout, within `max_cpus`, the most recently used kept."""
+        from raytrainer.backend import session
+
+        kept, keys = [], set()
+        for group in sorted(self.groups, key=lambda group: group.last_used, reverse=True):
+            key = session._owners.get(group, (None, None))[1]
+            cpus = sum(g.spec.total().get("CPU", 0) for g in kept) + group.spec.total().get("CPU", 0)
+            if group.alive and key is not None and key not in keys and cpus <= self.max_cpus:
+                kept.append(group)
+                keys.add(key)
+            else:
+                self._close(group)
+        self.groups = kept
+
+    def close_all(self) -> None:
+        for group in list(self.groups):
+            self._close(group)
+        self.groups = []
+
+    @staticmethod
+    def _close(group) -> None:
+        from raytrainer.backend import session
+
+        session._owners.pop(group, None)
+        group.close()
+
+
+warm_group_pool = WarmGroupPool()
+warm_group_pool.install()
+
+
+@pytest.fixture(autouse=True)
+def keep_idle_groups_warm(request):
+    """See `WarmGroupPool`."""
+    own_group = request.node.get_closest_marker("own_worker_group") is not None
+    if own_group:
+        warm_group_pool.close_all()
+    warm_group_pool.closing_for_real = own_group
+    yield
+    gc.collect()  # the test's dropped Trainers hand their groups over now, not inside the next test
+    warm_group_pool.closing_for_real = False
+    warm_group_pool.trim()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_warm_workers():
-    """A module's Trainers release their warm worker groups when the module ends (CPUs for the next module); within
-    a module, a new Trainer takes over an idle group of the same shape instead of starting one."""
+    """The groups a module's Trainers still hold when the module ends (module-level Trainers) are released; the
+    pool's idle groups stay for the next module."""
     yield
     worker_group = sys.modules.get("raytrainer.backend.group")
     if worker_group is not None:
-        worker_group.close_all_worker_groups()
+        pooled = set(warm_group_pool.groups)
+        for group in list(worker_group._live_groups):
+            if group not in pooled:
+                group.close()
 
 
 class StartedRay(AssertionError):

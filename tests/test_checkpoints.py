@@ -18,6 +18,7 @@ def settings(tmp_path, name, **overrides):
                                                 "save_steps": 4, "warmup_steps": 2, **overrides})
 
 
+@pytest.mark.quick
 def test_checkpoint_layout_rotation_and_resume_match_an_uninterrupted_run(tmp_path):
     data = regression_dataset(40)
     theirs, _ = run_transformers(RegressionModel(), transformers.TrainingArguments(**settings(tmp_path, "hf")),

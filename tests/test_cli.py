@@ -17,7 +17,7 @@ from raytrainer.cli.config import ConfigError, load_job_config
 from raytrainer.cli.build import build_training_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "job_submit"
-pytestmark = pytest.mark.usefixtures("no_ray_start")
+pytestmark = [pytest.mark.usefixtures("no_ray_start"), pytest.mark.quick]
 TINY_GPT2 = "{model_type: gpt2, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 64}"
 
 

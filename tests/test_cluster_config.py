@@ -9,6 +9,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+pytestmark = pytest.mark.quick  # pure logic: part of `make test-quick`
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["cluster.yaml", "cluster-local.yaml"]
 DOCS = ["cluster.yaml", "cluster-local.yaml", "README.md", "docs/cluster.md", "examples/job_submit/README.md"]

@@ -36,6 +36,7 @@ class StreamOfRegressionRows(torch.utils.data.IterableDataset):
 
 
 @pytest.mark.usefixtures("ray_session")
+@pytest.mark.quick
 def test_torch_map_dataset_matches_transformers(tmp_path):
     theirs, _ = run_transformers(RegressionModel(), transformers.TrainingArguments(**settings(tmp_path, "hf", max_steps=12)),
                                  train_dataset=TorchRegressionDataset())

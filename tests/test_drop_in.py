@@ -181,6 +181,7 @@ def test_training_overrides_run_on_the_workers_with_transformers_numbers(tmp_pat
 
 
 @pytest.mark.usefixtures("ray_session")
+@pytest.mark.quick
 def test_prediction_step_override_runs_on_the_workers(tmp_path):
     held_out = regression_dataset(16, seed=1)  # whole batches on 2 workers: the loss is the same mean
     theirs = _in_transformers(ShiftedPredictionTrainer)(

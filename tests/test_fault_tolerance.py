@@ -24,6 +24,7 @@ class RemoveLocalCheckpointsAndKill(KillWorkerOnce):
         super().on_step_end(args, state, control, **kwargs)
 
 
+@pytest.mark.quick
 def test_killed_worker_is_restarted_and_reaches_the_same_weights(tmp_path):
     data = regression_dataset(48)
     common = dict(per_device_train_batch_size=8, learning_rate=0.05, logging_steps=1, max_steps=16, save_steps=4,

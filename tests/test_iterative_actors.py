@@ -109,6 +109,7 @@ def test_processing_class_is_the_tokenizer(ray_session, tmp_path):
     assert trainer.tokenizer.eos_token == "<eos>"
 
 
+@pytest.mark.quick
 def test_train_round_records_history_and_writes_rollouts_before_training(make_trainer, tmp_path):
     trainer = make_trainer()
     logged = []

@@ -21,7 +21,9 @@ from actors.sampling import can_share_prefill, sample_with_shared_prefill
 from actors.weights import WeightBroadcastGroup
 from raytrainer.backend.weights import pack_weights, unpack_weights, weight_layout
 from raytrainer.iterative.sft_step import (IGNORE_INDEX, SFTStepper, build_optimizer_and_scheduler, check_step_inputs,
-                                 encode_examples, pad_examples)
+                                           encode_examples, pad_examples)
+
+pytestmark = pytest.mark.quick  # pure logic: part of `make test-quick`
 
 
 def encode(tok, is_encoder_decoder=False, max_length=None, truncation_mode="keep_end", **inputs):

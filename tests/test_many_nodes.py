@@ -85,8 +85,17 @@ def node_of(events: list[dict]) -> str:
     return nodes.pop()
 
 
-def test_spread_workers_survive_losing_a_node_and_our_actors_stay_on_the_driver_node(tmp_path):
-    result = run_cluster_driver(tmp_path, "--health-check-ms", "500")
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory) -> tuple[dict, Path]:
+    """Every scenario on one cluster, in one driver process (a cluster start costs more than most scenarios):
+    the two spread runs, then the search and the generator, each on three live worker nodes."""
+    folder = tmp_path_factory.mktemp("many-nodes")
+    scenarios = "spread_storage,spread_local,search,generator"
+    return run_cluster_driver(folder, "--scenarios", scenarios, "--health-check-ms", "500"), folder
+
+
+def test_spread_workers_survive_losing_a_node_and_our_actors_stay_on_the_driver_node(cluster_run):
+    result, tmp_path = cluster_run
     theirs, _ = run_transformers(
         RegressionModel(), transformers.TrainingArguments(
             str(tmp_path / "hf"), per_device_train_batch_size=8, learning_rate=0.05, logging_steps=1,
@@ -172,12 +181,13 @@ def transformers_eval_losses(folder: Path, learning_rate: float) -> list[float]:
     return [entry["eval_loss"] for entry in theirs.state.log_history if "eval_loss" in entry]
 
 
-def test_search_trials_spread_over_nodes_and_a_trial_whose_node_dies_resumes_from_its_checkpoint(tmp_path):
+def test_search_trials_spread_over_nodes_and_a_trial_whose_node_dies_resumes_from_its_checkpoint(cluster_run,
+                                                                                                  tmp_path):
     """Two trials side by side (PACK: each trial's 2 workers on one node), `storage_path`, `max_failures=1`; the
     node of the first trial to reach step 6 is removed. That trial's group restarts on the node left free and
     resumes from the trial's own checkpoint-4; the other trial runs on untouched; both end with transformers'
     eval losses; Tune's trial actors, the lender and the channels ran on the driver's node."""
-    result = run_cluster_driver(tmp_path, "--scenarios", "search", "--health-check-ms", "500")
+    result = cluster_run[0]
     search, driver_node = result["search"], result["driver_node"]
     trials = search["trials"]
     assert sorted(trial["status"] for trial in trials.values()) == ["TERMINATED", "TERMINATED"]
@@ -219,16 +229,16 @@ def test_search_trials_spread_over_nodes_and_a_trial_whose_node_dies_resumes_fro
         assert by_class[name] == {driver_node}, (name, by_class)
 
 
-def test_losing_the_generators_node_restarts_it_elsewhere_with_the_latest_weights(tmp_path):
+def test_losing_the_generators_node_restarts_it_elsewhere_with_the_latest_weights(cluster_run):
     """Iterative SFT with the trainer actor and the generator on nodes of their own (2 CPUs each): the
     generator's node is removed while it scores round 1. A new generator starts on the node left, with the
     latest weights (version 1), samples round 1 again, and the run ends as an uninterrupted one does: the same
     rewards, losses and final weights."""
-    result = run_cluster_driver(tmp_path, "--scenarios", "generator", "--health-check-ms", "500")
+    result = cluster_run[0]
     scenario = result["generator"]
     interrupted, uninterrupted = scenario["interrupted"], scenario["uninterrupted"]
     removed, trainer_node = scenario["removed_node"], interrupted["trainer_node"]
-    assert removed != trainer_node and removed in result["worker_nodes"]
+    assert removed != trainer_node and removed in result["worker_nodes"] + result["added_nodes"]
     assert interrupted["generator_node"] not in (removed, trainer_node)
     assert [h["generator_restarts"] for h in interrupted["history"]] == [0, 1, 1]
     assert [h["rollout_weight_version"] for h in interrupted["history"]] == [0, 1, 2]  # the latest weights

@@ -2,7 +2,11 @@
 
 import io
 
+import pytest
+
 from raytrainer.progress import DriverProgress, format_logs
+
+pytestmark = pytest.mark.quick  # pure logic: part of `make test-quick`
 
 
 class Terminal(io.StringIO):

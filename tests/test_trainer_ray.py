@@ -40,6 +40,7 @@ class EventRecorder(TrainerCallback):
         return object.__getattribute__(self, name)
 
 
+@pytest.mark.quick
 def test_one_worker_matches_transformers_train_evaluate_predict(tmp_path):
     data, held_out = regression_dataset(64), regression_dataset(13, seed=1)
     common = dict(eval_strategy="steps", eval_steps=8, gradient_accumulation_steps=2, warmup_steps=2,
@@ -72,6 +73,7 @@ def test_one_worker_matches_transformers_train_evaluate_predict(tmp_path):
     assert our_recorder.events == hf_recorder.events
 
 
+@pytest.mark.quick
 def test_two_workers_batch_b_equal_one_process_batch_2b(tmp_path):
     data, odd = regression_dataset(64), regression_dataset(13, seed=2)  # a whole number of global batches
     theirs, _ = run_transformers(

@@ -31,6 +31,7 @@ def lr_search(ray_session, tmp_path_factory):
     return trainer.hyperparameter_search(hp_space=learning_rates(SLOW_LR, GOOD_LR, WILD_LR), n_trials=1)
 
 
+@pytest.mark.quick
 def test_search_finds_known_best_learning_rate(lr_search):
     best = lr_search
     assert isinstance(best, BestRun)

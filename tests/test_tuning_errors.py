@@ -20,7 +20,7 @@ from helpers import RegressionModel, regression_dataset
 
 # Each search must fail before a trial (or any worker) starts, also when an earlier test left Ray running; the checks
 # that need no cluster resources must fail before Ray is even connected to.
-pytestmark = pytest.mark.usefixtures("no_worker_start")
+pytestmark = [pytest.mark.usefixtures("no_worker_start"), pytest.mark.quick]
 LR_SPACE = lambda trial: {"learning_rate": tune.loguniform(1e-4, 1e-1)}  # noqa: E731
 
 

@@ -12,7 +12,7 @@ from raytrainer import Trainer, TrainingArguments
 
 # Each check must raise before any worker starts, also when an earlier test left Ray or an idle group running; the
 # ones that need no cluster resources must raise before Ray is even connected to.
-pytestmark = pytest.mark.usefixtures("no_worker_start")
+pytestmark = [pytest.mark.usefixtures("no_worker_start"), pytest.mark.quick]
 
 
 def test_train_without_train_dataset(tmp_path, no_ray_start):

@@ -12,7 +12,7 @@ from helpers import (KillWorkerOnce, RegressionModel, WorkerPids, killed_pid, pr
 from parity import assert_weights_close, comparable, run_transformers
 from raytrainer import Trainer, TrainingArguments
 
-pytestmark = pytest.mark.usefixtures("ray_session")
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.own_worker_group]
 
 
 def build_model():
@@ -23,6 +23,7 @@ def wait_until_gone(process: tuple[int, float], timeout_s: float = 60.0) -> bool
     return process_gone(*process, timeout_s=timeout_s)
 
 
+@pytest.mark.quick
 def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tmp_path):
     data, held_out = regression_dataset(64), regression_dataset(16, seed=1)  # whole batches on 2 workers: the
     hf_args = transformers.TrainingArguments(**training_settings(tmp_path, "hf", max_steps=12))  # same mean

@@ -4,7 +4,11 @@ import io
 import logging
 import sys
 
+import pytest
+
 from raytrainer.backend.worker_logs import RankPrefixedStream, tag_worker_output
+
+pytestmark = pytest.mark.quick  # pure logic: part of `make test-quick`
 
 
 def test_every_line_gets_the_rank_prefix_once():
