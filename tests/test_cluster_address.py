@@ -18,7 +18,8 @@ import ray
 from helpers import RegressionModel, regression_dataset
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.backend.cluster import ensure_ray
-from raytrainer.backend.cluster_address import classify_rpc_error, named_cluster
+from raytrainer.backend.cluster_address import (ClusterAddress, classify_rpc_error, compare_ray_versions,
+                                                connection_error, named_cluster)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -39,6 +40,12 @@ def test_the_probes_gRPC_status_says_what_answered():
     assert http.outcome == "not_ray" and "HTTP server" in http.detail
     client = classify_rpc_error("UNIMPLEMENTED", "Method not found!")
     assert client.outcome == "not_ray" and "Ray Client's port" in client.detail
+    assert compare_ray_versions("2.60.0", "2.60.0").outcome == "answers"
+    older = compare_ray_versions("2.59.0", "2.60.0")  # an incompatible Ray: said so, with the fix
+    message = str(connection_error(ClusterAddress("10.0.0.5:6379", "ray_address='10.0.0.5:6379'"), older))
+    assert older.outcome == "refused" and message.startswith(
+        "ray_address='10.0.0.5:6379': the Ray cluster at 10.0.0.5:6379 refused this driver: the cluster runs Ray "
+        "2.59.0 and this driver Ray 2.60.0; a driver must run the cluster's Ray version (pip install ray==2.59.0)")
 
 
 def test_addresses_a_driver_cannot_use_are_refused_by_name(monkeypatch, tmp_path):

@@ -40,21 +40,9 @@ def _ensure_ray(address: str | None) -> None:
         return
     options = {"ignore_reinit_error": True, "logging_level": logging.WARNING, "log_to_driver": True}
     cluster = named_cluster(address) or recorded_cluster()
-    if cluster is None or cluster.address == "local":
+    if cluster is None or cluster.address == "local" or not joinable(cluster):
         start_embedded_ray(options)
         return
-    if cluster.address == "auto":
-        raise _nothing_found(cluster)
-    result = probe(cluster)
-    if result.outcome in ("silent", "not_ray") and not cluster.named:
-        logger.warning(
-            "%s names %s, which does not answer (%s): the `ray start` that wrote it ended without `ray stop`. "
-            "Starting an embedded Ray for this driver instead; run `ray stop` to clear the record (or `ray start "
-            "--head` to start that cluster again).", cluster.source, cluster.address, result.detail)
-        start_embedded_ray(options)
-        return
-    if result.outcome != "answers":
-        raise connection_error(cluster, result)
     try:
         # A recorded cluster: ray.init finds it (and, as for any cluster it finds, the machine's token) itself.
         ray.init(address=None if cluster.recorded else cluster.address, **options)
@@ -72,19 +60,29 @@ def check_cluster_address(address: str | None) -> None:
         check_connected_cluster(address)
         return
     cluster = named_cluster(address)
-    if cluster is None or cluster.address == "local":
-        return
+    if cluster is not None and cluster.address != "local":
+        joinable(cluster)
+
+
+def joinable(cluster: ClusterAddress) -> bool:
+    """Probe `cluster`: True when it takes this driver; False for a stale record nobody asked for (warned:
+    the driver starts its embedded Ray); raises `ConnectionError` naming what was tried and what to check for
+    one that was asked for, or that refuses this driver."""
     if cluster.address == "auto":
-        raise _nothing_found(cluster)
+        raise ConnectionError(
+            f"{cluster.source}: found no running Ray cluster to join: RAY_ADDRESS is not set and no `ray start` "
+            "cluster is recorded on this machine. Start one with `ray start --head`, give its address "
+            "(host:port), or leave ray_address unset for an embedded Ray.")
     result = probe(cluster)
+    if result.outcome in ("silent", "not_ray") and not cluster.named:
+        logger.warning(
+            "%s names %s, which does not answer (%s): the `ray start` that wrote it ended without `ray stop`. "
+            "Starting an embedded Ray for this driver instead; run `ray stop` to clear the record (or `ray start "
+            "--head` to start that cluster again).", cluster.source, cluster.address, result.detail)
+        return False
     if result.outcome != "answers":
         raise connection_error(cluster, result)
-
-
-def _nothing_found(cluster: ClusterAddress) -> ConnectionError:
-    return ConnectionError(f"{cluster.source}: found no running Ray cluster to join: RAY_ADDRESS is not set and "
-                           "no `ray start` cluster is recorded on this machine. Start one with `ray start --head`, "
-                           "give its address (host:port), or leave ray_address unset for an embedded Ray.")
+    return True
 
 
 def check_connected_cluster(address: str | None) -> None:

@@ -104,9 +104,15 @@ def probe(cluster: ClusterAddress, timeout_s: float = PROBE_TIMEOUT_S) -> ProbeR
                 gcs_service_pb2.CheckAliveRequest(), timeout=timeout_s)
     except grpc.RpcError as error:
         return classify_rpc_error(error.code().name, error.details() or "", timeout_s)
-    if reply.ray_version and reply.ray_version != ray.__version__:
-        return ProbeResult("refused", f"the cluster runs Ray {reply.ray_version} and this driver Ray "
-                                      f"{ray.__version__}; a driver must run the cluster's Ray version")
+    return compare_ray_versions(reply.ray_version, ray.__version__)
+
+
+def compare_ray_versions(cluster_version: str, driver_version: str) -> ProbeResult:
+    """A cluster answers this driver only when both run the same Ray (ray.init refuses any other)."""
+    if cluster_version and cluster_version != driver_version:
+        return ProbeResult("refused", f"the cluster runs Ray {cluster_version} and this driver Ray "
+                                      f"{driver_version}; a driver must run the cluster's Ray version "
+                                      f"(pip install ray=={cluster_version})")
     return ProbeResult("answers")
 
 
