@@ -122,9 +122,10 @@ def classify_rpc_error(code: str, details: str, timeout_s: float = PROBE_TIMEOUT
         return ProbeResult("refused", f"its token authentication rejected this driver's token ({details})")
     if code == "DEADLINE_EXCEEDED":
         return ProbeResult("silent", f"no answer within {timeout_s:g} s")
-    if code == "UNAVAILABLE" and "http1" not in details and "HTTP/2" not in details:
+    http = "http1" in details or "HTTP/2" in details  # gRPC's words for an HTTP/1 server's answer
+    if code == "UNAVAILABLE" and not http:
         return ProbeResult("silent", details)
-    if "http1" in details or "HTTP/2" in details:
+    if http:
         details = "an HTTP server answers there (a dashboard's port?)"
     elif code == "UNIMPLEMENTED":
         details = "a gRPC server that is not a Ray GCS answers there (Ray Client's port, 10001 by default?)"
