@@ -30,7 +30,10 @@ class TrainingArguments(training_args.TrainingArguments):
             set it for multi-node runs. By default the checkpoints stay in `output_dir` and Ray Train keeps
             only a pointer to them (in `~/ray_results`): a group restarted on other nodes after a lost node then
             resumes only where `output_dir` is shared by the nodes (else the restart fails, naming the checkpoint).
-        ray_address: the Ray cluster to use. `None`: `RAY_ADDRESS`, the job's cluster, or an embedded local Ray.
+        ray_address: the Ray cluster to use: its head's GCS address (`host:port`, port 6379 by default), or
+            `"auto"` (the `ray start` cluster of this machine). `None`: `RAY_ADDRESS`, the job's cluster, the
+            `ray start` cluster of this machine, or an embedded local Ray. An address that does not answer or
+            refuses this driver fails the Trainer's construction within seconds; Ray Client (`ray://`) is refused.
         worker_idle_timeout: seconds the Trainer keeps its worker group alive between calls (train, evaluate,
             predict reuse it). 0 releases the workers after every call. `trainer.close()`, a `with` block or the
             driver's exit release them at once.

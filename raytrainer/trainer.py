@@ -303,7 +303,19 @@ def _construction(trainer: Trainer) -> Iterator[None]:
         trainer.__dict__["_raytrainer_baseline"] = {
             name: _Seen(value, copy.deepcopy(value), True) if _is_plain(value) else _Seen(value)
             for name, value in vars(trainer).items() if not name.startswith("_raytrainer")}
+        _check_cluster_address(trainer)
         _start_early(trainer)
+
+
+def _check_cluster_address(trainer: Trainer) -> None:
+    """A cluster address that cannot work (not answering, refusing this driver, Ray Client, another cluster than
+    the connected one) fails the construction, in seconds, before Ray or a worker starts."""
+    from raytrainer.arguments import ray_settings
+    from raytrainer.backend.cluster import check_cluster_address
+
+    args = trainer.__dict__.get("args")
+    if args is not None:  # (a subclass that never called our constructor has none)
+        check_cluster_address(ray_settings(args)["ray_address"])
 
 
 def _start_early(trainer: Trainer) -> None:

@@ -29,6 +29,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # A RAY_ADDRESS of the shell that runs the tests would name another cluster than the session's own, which
+        # every Trainer of the suite refuses (tests that need it set it for their subprocesses).
+        os.environ.pop("RAY_ADDRESS", None)
         # Ray Train's placement-group cleaner asks the State API whether a run's controller still lives, and frees
         # the workers' resources when it does not (e.g. trials Tune stopped). Point it at this session's own
         # dashboard, so that it never asks another Ray cluster on the machine (the job-submit tests' head). Only

@@ -211,3 +211,77 @@ def test_driver_without_a_cluster_starts_an_embedded_local_ray():
         assert not leftovers, "the embedded Ray outlived its driver"
     finally:
         shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+ADDRESS_DRIVER = """
+import json, sys, time
+import ray
+from helpers import RegressionModel, regression_dataset
+from raytrainer import Trainer, TrainingArguments
+
+def trainer(address=None):
+    args = TrainingArguments(sys.argv[1], max_steps=1, report_to=[], ray_address=address)
+    return Trainer(model=RegressionModel(), args=args, train_dataset=regression_dataset(8))
+
+report = {}
+for name, address in json.loads(sys.argv[2]).items():
+    start = time.monotonic()
+    try:
+        if name == "through_ray_client":
+            ray.init(address)  # the user's own Ray Client connection; a Trainer must refuse to work through it
+            start = time.monotonic()
+            address = None
+        trainer(address)
+        error = None
+    except Exception as exc:
+        error = exc
+    report[name] = {"seconds": round(time.monotonic() - start, 3), "type": type(error).__name__,
+                    "message": str(error), "ray_started": ray.is_initialized() and name != "through_ray_client"}
+print("DRIVER " + json.dumps(report), flush=True)
+"""
+
+
+def run_address_cases(head, tmp_path, cases: dict, env: dict) -> dict:
+    env = {**{k: v for k, v in env.items() if k != "RAY_ADDRESS"}, "RAYTRAINER_START_EARLY": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    result = subprocess.run([sys.executable, "-c", ADDRESS_DRIVER, str(tmp_path / "out"), json.dumps(cases)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = driver_report(result.stdout)
+    print(json.dumps({name: case["seconds"] for name, case in report.items()}))  # time to the error, per case
+    for name, case in report.items():
+        assert case["seconds"] < 1.5 and not case["ray_started"], (name, case)
+    return report
+
+
+def test_a_cluster_that_refuses_the_driver_says_why(head, tmp_path):
+    """The head answers but refuses: a wrong token, no token; its dashboard's and Ray Client's ports are not its
+    GCS address; Ray Client (ray://, or a connection the script opened itself) is refused with the alternative."""
+    port_of = {option: head.process.args[head.process.args.index(option) + 1]
+               for option in ("--dashboard-port", "--ray-client-server-port")}
+    wrong = {k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    refused = run_address_cases(head, tmp_path, {"wrong_token": head.gcs_address},
+                                {**wrong, "RAY_AUTH_TOKEN": "0" * 32})
+    no_token = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
+    refused.update(run_address_cases(head, tmp_path, {"no_token": head.gcs_address},
+                                     {**no_token, "HOME": str(tmp_path)}))
+    for name in ("wrong_token", "no_token"):
+        case = refused[name]
+        assert case["type"] == "ConnectionError", case
+        assert re.search(f"ray_address='{head.gcs_address}': the Ray cluster at {head.gcs_address} refused this "
+                         "driver: its token authentication rejected this driver's token .*InvalidAuthToken.*"
+                         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=.*RAY_AUTH_TOKEN_PATH.*ray get-auth-token.*"
+                         f"ray status --address {head.gcs_address}", case["message"]), case["message"]
+
+    client = f"127.0.0.1:{port_of['--ray-client-server-port']}"
+    others = run_address_cases(head, tmp_path, {
+        "dashboard_port": f"127.0.0.1:{port_of['--dashboard-port']}", "client_port": client,
+        "ray_client": f"ray://{client}", "dashboard_url": head.dashboard_url,
+        "through_ray_client": f"ray://{client}"}, head.env)
+    assert re.search(r"no Ray cluster answers at .*HTTP server answers", others["dashboard_port"]["message"])
+    assert re.search(r"no Ray cluster answers at .*Ray Client's port", others["client_port"]["message"])
+    assert re.search(f"ray_address='ray://{client}': Ray Client .*not supported.*ray job submit",
+                     others["ray_client"]["message"])
+    assert re.search(r"is a URL; .*GCS address.*ray job submit --address", others["dashboard_url"]["message"])
+    assert re.search(r"connected to Ray through Ray Client.*not supported.*ray job submit",
+                     others["through_ray_client"]["message"]), others["through_ray_client"]

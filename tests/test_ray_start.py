@@ -1,5 +1,5 @@
-"""Which Ray a driver uses and how its first call starts: an explicit ray_address that contradicts the connected
-Ray, a stale record of a local cluster, the embedded Ray (no dashboard, loopback only), and Ray plus the workers
+"""Which Ray a driver uses and how its first call starts: a stale record of a local cluster (wrong addresses:
+tests/test_cluster_address.py), the embedded Ray (no dashboard, loopback only), and Ray plus the workers
 started in the background at construction (used by the first call, stopped by a driver-side error or when the
 Trainer is dropped)."""
 
@@ -7,7 +7,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,6 @@ import ray
 
 from helpers import RegressionModel, regression_dataset
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.backend.cluster import ensure_ray
 from raytrainer.backend.early_start import EarlyStart, starts_early
 from raytrainer.backend.session import _close_later, _connect, _start_group
 
@@ -43,23 +41,6 @@ def test_only_a_scripts_first_trainer_that_can_train_starts_early():
     assert not starts_early(**{**first, "ray_connected": True})  # test suites, trials, notebooks' later Trainers
     assert not starts_early(**{**first, "already_taken": True})  # the script's second Trainer
     assert not starts_early(**{**first, "setting": "0"})  # RAYTRAINER_START_EARLY=0
-
-
-@pytest.mark.usefixtures("ray_session")
-def test_a_ray_address_other_than_the_connected_cluster_is_refused(tmp_path):
-    current = ray.get_runtime_context().gcs_address
-    ensure_ray(current)  # the same cluster, as host:port
-    ensure_ray("127.0.0.1:" + current.rsplit(":", 1)[1])  # the same, by loopback
-    ensure_ray("auto")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        other = f"127.0.0.1:{probe.getsockname()[1]}"
-    with pytest.raises(ValueError, match="another Ray cluster than the one this process is already connected to"):
-        ensure_ray(other)
-    trainer = Trainer(model=RegressionModel(), args=small_args(tmp_path, ray_address=other),
-                      train_dataset=regression_dataset(16))
-    with pytest.raises(ValueError, match=f"ray_address='{other}'.*ray.shutdown"):
-        trainer.train()
 
 
 def train_workers() -> set[int]:

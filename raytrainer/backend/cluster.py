@@ -13,49 +13,112 @@ from typing import Any
 import ray
 
 from raytrainer.arguments import ray_settings
+from raytrainer.backend.cluster_address import (RAY_CLIENT_REFUSAL, ClusterAddress, connection_error,
+                                                  named_cluster, probe, recorded_cluster)
 
 logger = logging.getLogger(__name__)
 
 _embedded = {"started": False}
 _connecting = threading.Lock()
-RECORD_CHECK_TIMEOUT_S = 1.0  # how long a recorded local cluster may take to accept a connection
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray once per driver: `address`, RAY_ADDRESS / the job's cluster, a running local cluster,
-    or else an embedded local Ray for this driver. Never starts a second local Ray.
+    """Connect to Ray once per driver: `address`, RAY_ADDRESS / the job's cluster, the `ray start` cluster recorded
+    on this machine, or else an embedded local Ray for this driver. Never starts a second local Ray.
 
-    Raises `ValueError` when `address` names another cluster than the one this process is already connected to.
-    One thread at a time: a background start (`backend.early_start`) may be inside `ray.init()` when another
-    Trainer's call connects; that call waits for it and then finds Ray connected."""
+    Raises `ConnectionError` within seconds when the cluster named does not answer or refuses this driver, and
+    `ValueError` for a Ray Client address or one that names another cluster than the one this process is
+    already connected to. One thread at a time: a background start (`backend.early_start`) may be inside
+    `ray.init()` when another Trainer's call connects; that call waits for it and then finds Ray connected."""
     with _connecting:
         _ensure_ray(address)
 
 
 def _ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
-        if address:
-            check_same_cluster(address)
+        check_connected_cluster(address)
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     options = {"ignore_reinit_error": True, "logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **options)
+    cluster = named_cluster(address) or recorded_cluster()
+    if cluster is None or cluster.address == "local" or not joinable(cluster):
+        start_embedded_ray(options)
         return
-    # No address: join the cluster `ray start` recorded on this machine, else start an embedded one. Not
-    # address="auto": that also attaches to any other program's embedded Ray that `ps` finds.
-    from ray._private.utils import get_ray_address_file, read_ray_address
+    try:
+        # A recorded cluster: ray.init finds it (and, as for any cluster it finds, the machine's token) itself.
+        ray.init(address=None if cluster.recorded else cluster.address, **options)
+    except Exception as error:  # noqa: BLE001 - the probe passed: say which cluster ray.init failed to join
+        raise ConnectionError(f"{cluster.source}: the Ray cluster at {cluster.address} answered, but joining it "
+                              f"failed: {error}") from error
 
-    recorded = read_ray_address()
-    if recorded and answers(recorded):
-        ray.init(**options)
+
+def check_cluster_address(address: str | None) -> None:
+    """On the driver, at a Trainer's construction: raise now what connecting would raise for `address` (the
+    argument), RAY_ADDRESS or `address='auto'`'s recorded cluster: a Ray Client or malformed address, one that
+    does not answer or refuses this driver, or another cluster than the connected one. A cluster nobody named
+    (the `ray start` record) is probed when the call connects: a stale record only means the embedded Ray."""
+    if ray.is_initialized():
+        check_connected_cluster(address)
         return
-    if recorded:
+    cluster = named_cluster(address)
+    if cluster is not None and cluster.address != "local":
+        joinable(cluster)
+
+
+def joinable(cluster: ClusterAddress) -> bool:
+    """Probe `cluster`: True when it takes this driver; False for a stale record nobody asked for (warned:
+    the driver starts its embedded Ray); raises `ConnectionError` naming what was tried and what to check for
+    one that was asked for, or that refuses this driver."""
+    if cluster.address == "auto":
+        raise ConnectionError(
+            f"{cluster.source}: found no running Ray cluster to join: RAY_ADDRESS is not set and no `ray start` "
+            "cluster is recorded on this machine. Start one with `ray start --head`, give its address "
+            "(host:port), or leave ray_address unset for an embedded Ray.")
+    result = probe(cluster)
+    if result.outcome in ("silent", "not_ray") and not cluster.named:
         logger.warning(
-            "Ray's record of a local cluster (%s) names %s, which does not answer: the `ray start` that wrote it "
-            "ended without `ray stop`. Starting an embedded Ray for this driver instead; run `ray stop` to clear "
-            "the record (or `ray start --head` to start that cluster again).", get_ray_address_file(None), recorded)
-    start_embedded_ray(options)
+            "%s names %s, which does not answer (%s): the `ray start` that wrote it ended without `ray stop`. "
+            "Starting an embedded Ray for this driver instead; run `ray stop` to clear the record (or `ray start "
+            "--head` to start that cluster again).", cluster.source, cluster.address, result.detail)
+        return False
+    if result.outcome != "answers":
+        raise connection_error(cluster, result)
+    return True
+
+
+def check_connected_cluster(address: str | None) -> None:
+    """Raise when `address` (the argument, else RAY_ADDRESS) names another Ray cluster than the one this driver
+    process is connected to, or when it is connected through Ray Client. Only on a driver: Ray's own processes
+    (a Tune trial's actor) may carry an environment that was never the user's choice of cluster."""
+    from ray._private import worker as ray_worker
+    from ray.util.client import ray as ray_client
+
+    if ray_client.is_connected():
+        raise ValueError(f"This process is connected to Ray through Ray Client (ray://). {RAY_CLIENT_REFUSAL}")
+    if ray_worker.global_worker.mode != ray.SCRIPT_MODE:
+        return
+    cluster = named_cluster(address)
+    if cluster is None or cluster.address in ("auto", "local"):
+        return  # any cluster (none recorded) / this driver's own: nothing to compare the connection with
+    current = ray.get_runtime_context().gcs_address
+    if cluster.recorded and probe(cluster).outcome != "answers":
+        return  # `auto` found only a stale record: the connected cluster is the one running
+    if _same_cluster(cluster.address, current):
+        return
+    raise ValueError(
+        f"{cluster.source} names another Ray cluster than the one this process is already connected to "
+        f"({current}); a process uses one Ray cluster. Remove ray_address (and RAY_ADDRESS) to train on {current}, "
+        "or call ray.shutdown() before building the Trainer to use the other one.")
+
+
+def _same_cluster(address: str, current: str) -> bool:
+    from ray._common.network_utils import parse_address
+
+    wanted, connected = parse_address(address), parse_address(current)
+    if wanted is None or connected is None:
+        return False
+    return str(wanted[1]) == str(connected[1]) and (
+        _host_ip(wanted[0]) == _host_ip(connected[0])
+        or (_is_this_machine(wanted[0]) and _is_this_machine(connected[0])))
 
 
 def start_embedded_ray(options: dict) -> None:
@@ -79,40 +142,6 @@ def start_embedded_ray(options: dict) -> None:
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
     _embedded["started"] = True
-
-
-def answers(address: str, timeout_s: float = RECORD_CHECK_TIMEOUT_S) -> bool:
-    """Whether something accepts connections at `address` (host:port) within `timeout_s`."""
-    from ray._common.network_utils import parse_address
-
-    parsed = parse_address(address)
-    if parsed is None:
-        return False
-    try:
-        with socket.create_connection((parsed[0], int(parsed[1])), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def check_same_cluster(address: str) -> None:
-    """Raise when `address` (host:port) is not the Ray cluster this process is connected to."""
-    if address in ("auto", "local") or "://" in address:
-        return  # any cluster / a Ray Client address: nothing to compare the connection with
-    from ray._common.network_utils import parse_address
-
-    current = ray.get_runtime_context().gcs_address
-    wanted, connected = parse_address(address), parse_address(current)
-    if wanted is None or connected is None:
-        return
-    if str(wanted[1]) == str(connected[1]) and (
-            _host_ip(wanted[0]) == _host_ip(connected[0]) or (_is_this_machine(wanted[0])
-                                                             and _is_this_machine(connected[0]))):
-        return
-    raise ValueError(
-        f"ray_address={address!r} names another Ray cluster than the one this process is already connected to "
-        f"({current}); a process uses one Ray cluster. Remove ray_address to train on {current}, or call "
-        "ray.shutdown() before building the Trainer to use the other one.")
 
 
 def _host_ip(host: str) -> str:
