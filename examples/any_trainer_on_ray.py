@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config
@@ -43,7 +44,7 @@ def main() -> None:
                                      data_collator=DataCollatorForSeq2Seq(tokenizer))
     trainer.train()
     predictions = trainer.predict(data.select(range(4))).predictions  # generated on the workers
-    predictions[predictions < 0] = tokenizer.pad_token_id
+    predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)  # -100: padding across batches
     for prompt, ids in zip(prompts, predictions):
         print(prompt, tokenizer.decode(ids, skip_special_tokens=True))
     trainer.close()
