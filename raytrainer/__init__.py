@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Trainer": "raytrainer.trainer",
     "TrainingArguments": "raytrainer.arguments",
+    "on_ray": "raytrainer.subclasses",
+    "Seq2SeqTrainer": "raytrainer.seq2seq",
+    "Seq2SeqTrainingArguments": "raytrainer.seq2seq",
     "IterativeSFTTrainer": "raytrainer.iterative.trainer",
     "BestRun": "raytrainer.tune.results",
 }

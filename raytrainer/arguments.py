@@ -4,6 +4,7 @@ resources, failures, storage)."""
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -58,6 +59,18 @@ class TrainingArguments(training_args.TrainingArguments):
                                      "cluster's GPUs, set use_gpu=True: each GPU worker then checks bf16 itself.)") from error
                 raise
         check_ray_fields(self)
+
+    def __reduce_ex__(self, protocol):
+        """An instance of a class `raytrainer.on_ray` made (not importable by its name) pickles as an instance of
+        `on_ray(original class)`, so that plain pickle (`torch.save(args)`) writes and reads it."""
+        reduced = super().__reduce_ex__(protocol)
+        from raytrainer.subclasses import new_instance, original_of
+
+        cls, original = type(self), original_of(type(self))
+        if original is None or not isinstance(reduced, tuple) or reduced[0] is not copyreg.__newobj__ \
+                or reduced[1] != (cls,):
+            return reduced
+        return (new_instance, (original,), *reduced[2:])
 
 
 # transformers checks bf16 and TF32 support against the device of the process that builds the arguments. With

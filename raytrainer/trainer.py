@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import os
 import types
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
 from transformers.trainer import Trainer as TransformersTrainer
 from transformers.trainer_utils import PredictionOutput, TrainOutput, enable_full_determinism, set_seed
 from transformers.training_args import TrainingArguments as TransformersTrainingArguments
@@ -49,7 +49,9 @@ class Trainer(TransformersTrainer):
     """`transformers.Trainer`, with `train()`, `evaluate()`, `predict()` and `hyperparameter_search()` run by Ray Train
     workers (torch DDP: gloo on CPU, NCCL on GPU; FSDP and DeepSpeed through transformers' own paths).
 
-    The constructor is transformers' own; the arguments are the same. Subclass it as you would subclass
+    The constructor is transformers' own; the arguments are the same. `raytrainer.on_ray(cls)` gives the same for
+    any other `transformers.Trainer` subclass (TRL's trainers, `Seq2SeqTrainer`, ...): a subclass of `cls` with this
+    class first in its MRO, so the same code runs every Trainer on Ray. Subclass it as you would subclass
     `transformers.Trainer`: every worker runs an instance of your class, so your overrides (`compute_loss`,
     `training_step`, `create_optimizer`, `get_train_dataloader`, ...) run where the training runs. Where and how the
     workers run comes from the Ray fields of `raytrainer.TrainingArguments` (`num_workers`, `use_gpu`, ...); a plain
@@ -71,38 +73,20 @@ class Trainer(TransformersTrainer):
         if isinstance(init, types.FunctionType) and not getattr(init, "_raytrainer_observed", False):
             cls.__init__ = _observed_construction(init)
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TransformersTrainingArguments | None = None,
-        data_collator: Callable | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        model_init: Callable[..., nn.Module] | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list | None = None,
-        optimizers: tuple = (None, None),
-        optimizer_cls_and_kwargs: tuple | None = None,
-        preprocess_logits_for_metrics: Callable | None = None,
-    ):
-        components = dict(data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=processing_class, model_init=model_init,
-                          compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
-                          optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-                          preprocess_logits_for_metrics=preprocess_logits_for_metrics)
+    def __init__(self, *args, **kwargs):
+        # The constructor of the class this one puts on Ray (next in the MRO: transformers.Trainer, TRL's
+        # SFTTrainer, ...), called as the user called it. Its signature is shown as this one's (below, `on_ray`).
         if in_worker():
-            super().__init__(model, args, **components)
+            super().__init__(*args, **kwargs)
             return
         with _construction(self):
-            if args is None:
-                with _cpu_only():
-                    args = TransformersTrainingArguments(output_dir="tmp_trainer")
-            with _driver_construction(args) as construction_args:
-                super().__init__(model, construction_args, **components)
-            self.args = args
+            with _driver_construction(args, kwargs) as (construction_args, construction_kwargs, restore):
+                super().__init__(*construction_args, **construction_kwargs)
+            restore(self)
             self.__dict__["_raytrainer_workers"] = WorkerSession()
+
+    # transformers' constructor, shown as ours (`on_ray` shows the constructor of the class it puts on Ray)
+    __new__.__signature__ = __init__.__signature__ = inspect.signature(TransformersTrainer.__init__)
 
     # ----------------------------------------------------------------------------------- calls on the workers
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: dict | None = None,
@@ -223,17 +207,22 @@ class Trainer(TransformersTrainer):
     def _recipe(self, ray_datasets: dict) -> TrainerRecipe:
         """How a worker builds this Trainer now: the constructor call, and the attributes rebound since."""
         from raytrainer.backend.session import driver_environment
+        from raytrainer.backend.weights import pack_weights
 
         datasets = self._raytrainer_workers.datasets
         call = self._raytrainer_call
+        changed = self._changed_since_construction()
+        # The constructor built or wrapped the model (a model name, PEFT): the call does not hold the driver's weights.
+        model_built = self.model is not None and self.model_init is None and "model" not in changed and \
+            not any(value is self.model for value in (*call.args, *call.kwargs.values()))
         return TrainerRecipe(
             trainer_class=type(self),
             init_args=tuple(datasets.stand_in(value, ray_datasets, f"argument_{i}") for i, value in enumerate(call.args)),
             init_kwargs={name: datasets.stand_in(value, ray_datasets, name) for name, value in call.kwargs.items()},
-            changed={name: datasets.stand_in(value, ray_datasets, name)
-                     for name, value in self._changed_since_construction().items()},
+            changed={name: datasets.stand_in(value, ray_datasets, name) for name, value in changed.items()},
             environment=driver_environment(), working_dir=os.getcwd(),
-            model_prepared=self.__dict__.get("_raytrainer_model_prepared", False))
+            model_prepared=self.__dict__.get("_raytrainer_model_prepared", False),
+            model_weights=pack_weights(self.model) if model_built else None)
 
     def _changed_since_construction(self) -> dict[str, Any]:
         baseline = self.__dict__.get("_raytrainer_baseline", {})
@@ -358,21 +347,43 @@ def _cpu_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _driver_construction(args: TransformersTrainingArguments) -> Iterator[TransformersTrainingArguments]:
-    """The arguments transformers' constructor sees on the driver: on its CPU (the GPUs are the workers'), and
-    without FSDP/DeepSpeed, which need the workers' process group (transformers refuses FSDP outside distributed
-    training). The workers construct with the user's arguments as they are."""
+def _driver_construction(args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict, Callable[[Any], None]]]:
+    """The constructor call as the driver makes it: on its CPU (the GPUs are the workers'), and each
+    TrainingArguments in it without FSDP/DeepSpeed, which need the workers' process group (transformers refuses FSDP
+    outside distributed training). Yields the call and a `restore(trainer)` that puts the user's arguments back in
+    `trainer.args`. The workers construct with the user's call as it is."""
+    substitutes: dict[int, tuple[Any, Any]] = {}  # id(construction copy) -> (copy, the user's arguments)
+
+    def for_driver(value: Any) -> Any:
+        if not isinstance(value, TransformersTrainingArguments):
+            return value
+        construction_args = _on_driver_cpu(value)
+        if construction_args is not value:
+            substitutes[id(construction_args)] = (construction_args, value)
+        return construction_args
+
+    def restore(trainer: Any) -> None:
+        held = trainer.__dict__.get("args")
+        if held is not None and id(held) in substitutes and substitutes[id(held)][0] is held:
+            trainer.args = substitutes[id(held)][1]
+
+    with _cpu_only():
+        yield tuple(for_driver(v) for v in args), {k: for_driver(v) for k, v in kwargs.items()}, restore
+
+
+def _on_driver_cpu(args: TransformersTrainingArguments) -> TransformersTrainingArguments:
+    """`args` as the driver's construction uses them (inside `_cpu_only`): a copy without FSDP/DeepSpeed where they
+    are set, resolved on the CPU."""
     construction_args = args
     if args.fsdp or args.deepspeed or getattr(args, "deepspeed_plugin", None) is not None:
         construction_args = copy.copy(args)
         construction_args.fsdp, construction_args.fsdp_plugin_args = False, None
         construction_args.deepspeed, construction_args.deepspeed_plugin = None, None
         construction_args.hf_deepspeed_config = None
-    with _cpu_only():
-        if construction_args.device.type != "cpu":
-            construction_args.__dict__.pop("_setup_devices", None)
-            _ = construction_args.device
-        yield construction_args
+    if construction_args.device.type != "cpu":
+        construction_args.__dict__.pop("_setup_devices", None)
+        _ = construction_args.device
+    return construction_args
 
 
 # ---------------------------------------------------------------------------------------------- callbacks

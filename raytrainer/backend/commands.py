@@ -27,6 +27,9 @@ class TrainerRecipe:
         environment: the driver's environment variables that integrations read (WANDB_*, MLFLOW_*, HF_*, ...).
         working_dir: the driver's working directory, so relative paths mean the same on the workers.
         model_prepared: an earlier call prepared the model with the accelerator, as it would have in-process.
+        model_weights: the weights of the driver's `trainer.model` where the constructor built or wrapped the model
+            itself (TRL from a model name, PEFT from `peft_config`): the model in the constructor call is then not
+            the one trained, and these are loaded into the worker's after its construction.
     """
 
     trainer_class: type
@@ -36,6 +39,7 @@ class TrainerRecipe:
     environment: dict[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     model_prepared: bool = False  # an earlier call prepared the model with the accelerator (in-process it would)
+    model_weights: Any = None  # a `backend.weights.WeightVersion`, or None where the call holds trainer.model
 
 
 class WorkerCommand:

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # The Train controller collects worker reports when it polls them (default every 2 s) and a worker's next report
 # waits for the previous one to be collected: poll often, so checkpoints cost no idle seconds.
 REPORT_POLL_INTERVAL_S = 0.05
+PRINT_PATCH_SETTING = "RAY_TRAIN_ENABLE_PRINT_PATCH"  # Ray Train's switch for its workers' `print` (see `start`)
 
 
 class WorkerError(RuntimeError):
@@ -78,6 +79,12 @@ class WorkerGroup:
         if make_room:
             _make_room(spec, exclude=self)
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_INTERVAL_S))
+        # Ray Train replaces `print` in its workers with one that also logs every line to the root logger, even a
+        # line printed into a stream a library swapped in to capture it (dill's `detect.nestedglobals`, which
+        # datasets' fingerprinting runs while TRL prepares a dataset, captures `dis.dis` output that way: ~1,200
+        # lines of bytecode on the driver's console). raytrainer tags the workers' output itself
+        # (`backend.worker_logs`): `print` stays Python's own. Ray Train passes this setting on to its workers.
+        os.environ.setdefault(PRINT_PATCH_SETTING, "0")
         self.channel = CommandChannel.options(max_concurrency=1000, scheduling_strategy=on_driver_node()).remote(
             self.idle_timeout_s)
         config = {"channel": self.channel, "persist_checkpoints": spec.storage_path is not None,

@@ -28,7 +28,7 @@ from raytrainer.backend.commands import CallbackUpdate, CommandResult, TrainerRe
 from raytrainer.backend.reporting import CheckpointReporter
 from raytrainer.backend.role import mark_worker
 from raytrainer.backend.user_code import make_importable
-from raytrainer.backend.weights import pack_state_dict
+from raytrainer.backend.weights import pack_state_dict, state_dict_of
 from raytrainer.backend.worker_events import WorkerEvents, transformers_logs_to_driver
 
 IDLE_CLEANUP_AFTER_S = 1.0  # workers collect garbage once they have waited this long for the next command
@@ -107,6 +107,8 @@ def build_trainer(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand
     trainer = recipe.trainer_class(*init_args, **init_kwargs)
     for name, value in changed.items():
         setattr(trainer, name, value)
+    if recipe.model_weights is not None:  # the constructor built or wrapped the model: take the driver's weights
+        trainer.model.load_state_dict(state_dict_of(recipe.model_weights))
     if recipe.model_prepared:
         # In-process, an earlier call would have prepared the model with the accelerator, and transformers' evaluation
         # then reports no model preparation time: the same here (transformers only counts `_models`).

@@ -1,0 +1,143 @@
+"""TRL's trainers on Ray (`raytrainer.trl`, `raytrainer.on_ray`): the numbers TRL gives in one process."""
+
+import contextlib
+import io
+import logging
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import trl
+from transformers import TrainerCallback
+
+from _iterative_fixtures import gpt2, tokenizer
+from parity import assert_logs_close, assert_weights_close
+from raytrainer import on_ray
+from raytrainer.trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def additions(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = torch.Generator().manual_seed(seed)
+    pairs = torch.randint(0, 50, (n, 2), generator=rng).tolist()
+    return [(f"{a}+{b}=", a + b) for a, b in pairs]
+
+
+def sft_data(n: int = 32) -> datasets.Dataset:
+    rows = additions(n)
+    return datasets.Dataset.from_dict({"prompt": [p for p, _ in rows], "completion": [str(s) for _, s in rows]})
+
+
+def preference_data(n: int = 16) -> datasets.Dataset:
+    rows = additions(n, seed=1)
+    return datasets.Dataset.from_dict({"prompt": [p for p, _ in rows], "chosen": [str(s) for _, s in rows],
+                                       "rejected": [str(s + 1) for _, s in rows]})
+
+
+def settings(tmp_path, name: str, **overrides) -> dict:
+    values = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=6, logging_steps=1,
+                  learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, bf16=False,
+                  gradient_checkpointing=False, max_length=16)
+    values.update(overrides)
+    return values
+
+
+class PrintCaptured(TrainerCallback):
+    """Prints into a redirected stdout on the worker (as dill does for datasets' fingerprints) and records whether the
+    line escaped to the root logger (Ray Train's print patch sends it there, and so to the driver's console)."""
+
+    def __init__(self):
+        self.escaped = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger().addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                print("captured line")
+        finally:
+            logging.getLogger().removeHandler(handler)
+        self.escaped = [record.getMessage() for record in records]
+
+
+def test_sft_on_one_worker_equals_trl_in_process(tmp_path):
+    data, tok = sft_data(), tokenizer()
+    theirs = trl.SFTTrainer(model=gpt2(), args=trl.SFTConfig(**settings(tmp_path, "trl")), train_dataset=data,
+                            processing_class=tok)
+    theirs.train()
+    printed = PrintCaptured()
+    ours = SFTTrainer(model=gpt2(), args=SFTConfig(**settings(tmp_path, "rt")), train_dataset=data,
+                      processing_class=tok, callbacks=[printed])
+    assert isinstance(ours, trl.SFTTrainer) and isinstance(ours.args, trl.SFTConfig)
+    ours.train()
+    assert_logs_close(theirs.state.log_history, ours.state.log_history)  # loss, entropy, token accuracy, num_tokens
+    assert_weights_close(theirs.model, ours.model, tol=1e-6)
+    assert printed.escaped == []  # a line printed into a captured stream stays there
+
+
+class DoubledLossSFT(trl.SFTTrainer):
+    """A user's subclass of TRL's trainer: the loss (and its gradients) doubled."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        return (loss[0] * 2, loss[1]) if return_outputs else loss * 2
+
+
+def test_on_ray_of_a_users_sft_subclass_runs_its_override_on_the_workers(tmp_path):
+    data, tok = sft_data(16), tokenizer()
+    kwargs = dict(train_dataset=data, processing_class=tok)
+    theirs = DoubledLossSFT(model=gpt2(), args=trl.SFTConfig(**settings(tmp_path, "trl", max_steps=3)), **kwargs)
+    theirs.train()
+    ours = on_ray(DoubledLossSFT)(model=gpt2(), args=on_ray(trl.SFTConfig)(**settings(tmp_path, "rt", max_steps=3)),
+                                  **kwargs)
+    assert isinstance(ours, DoubledLossSFT) and on_ray(DoubledLossSFT) is type(ours)
+    ours.train()
+    assert_logs_close(theirs.state.log_history, ours.state.log_history)
+    plain = trl.SFTTrainer(model=gpt2(), args=trl.SFTConfig(**settings(tmp_path, "plain", max_steps=1)), **kwargs)
+    plain.train()
+    first = [entry["loss"] for entry in ours.state.log_history if "loss" in entry][0]
+    assert first == pytest.approx(2 * plain.state.log_history[0]["loss"], rel=1e-5)
+
+
+def test_dpo_on_one_worker_equals_trl_in_process(tmp_path):
+    data, tok = preference_data(), tokenizer()
+    extra = dict(max_steps=3, per_device_train_batch_size=4)
+    theirs = trl.DPOTrainer(model=gpt2(), ref_model=gpt2(seed=1), args=trl.DPOConfig(**settings(tmp_path, "trl", **extra)),
+                            train_dataset=data, processing_class=tok)
+    theirs.train()
+    ours = DPOTrainer(model=gpt2(), ref_model=gpt2(seed=1), args=DPOConfig(**settings(tmp_path, "rt", **extra)),
+                      train_dataset=data, processing_class=tok)
+    ours.train()
+    assert_logs_close(theirs.state.log_history, ours.state.log_history)  # loss, rewards/*, logps/*
+    assert_weights_close(theirs.model, ours.model, tol=1e-6)
+
+
+def test_without_trl_the_import_says_how_to_install_it():
+    code = "import sys; sys.modules['trl'] = None\ntry:\n import raytrainer.trl\nexcept ImportError as e: print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "pip install 'raytrainer[trl]'" in out
+
+
+def test_peft_through_trl_trains_the_adapter_on_two_workers_and_saves_it(tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    trainer = SFTTrainer(model=gpt2(), args=SFTConfig(**settings(tmp_path, "rt", num_workers=2, max_steps=4)),
+                         train_dataset=sft_data(), processing_class=tokenizer(),
+                         peft_config=LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    assert isinstance(trainer.model, PeftModel)  # TRL wrapped the model on the driver, as in-process
+    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    adapter = [name for name in after if "lora_" in name]
+    assert adapter and all(not torch.equal(before[name], after[name]) for name in adapter if "lora_B" in name)
+    assert all(torch.equal(before[name], after[name]) for name in after if "lora_" not in name)  # base frozen
+    trainer.save_model(str(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(gpt2(), str(tmp_path / "adapter")).state_dict()
+    for name in adapter:
+        assert torch.equal(loaded[name], after[name]), name
