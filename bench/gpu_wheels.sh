@@ -16,28 +16,27 @@ LIMIT_MIB=64
 
 # What the GPU machine lacks, pinned (Ray 2.60 with its default/train/tune needs, our transformers, datasets).
 # Left out on purpose, as a raytrainer run never loads them: py-spy (the dashboard's profiler button), virtualenv
-# (runtime_env pip/conda), cryptography (google-auth's signing; opencensus's exporters to Google only), tzdata
-# (pandas on Windows).
+# (runtime_env pip/conda), google-api-core and google-auth (opencensus's exporters to Google; Ray's GCP autoscaler).
 PINS=(
     ray==2.60.0 transformers==5.20.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     tensorboardX==2.6.5 aiohttp-cors==0.8.1 colorful==0.5.8 smart-open==9.0.4
-    opencensus==0.11.4 opencensus-context==0.1.3 google-api-core==2.44.0 googleapis-common-protos==1.76.0
-    proto-plus==1.29.0 google-auth==2.63.1 pyasn1==0.6.5 pyasn1-modules==0.4.2
+    opencensus==0.11.4 opencensus-context==0.1.3 googleapis-common-protos==1.76.0
     opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
     opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-prometheus==0.66b2
 )
 
-rm -rf "$WHEELS"
-mkdir -p "$WHEELS"
+# Built in a scratch folder, put in place at the end: a failed download leaves the last set as it was.
+build=$(mktemp -d /tmp/gpu-wheels-XXXX)
+trap 'rm -rf "$build"' EXIT
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
-    -d "$WHEELS" "${PINS[@]}"
+    -d "$build" "${PINS[@]}"
 
 # Slim Ray: drop what a raytrainer run never loads, strip the binaries' symbols, rewrite RECORD to match.
-"$PYTHON" - "$WHEELS"/ray-*.whl <<'EOF'
+"$PYTHON" - "$build"/ray-*.whl <<'EOF'
 import base64, hashlib, os, shutil, subprocess, sys, tempfile, zipfile
 
 path = sys.argv[1]
@@ -71,6 +70,9 @@ os.replace(slim, path)
 print(f"ray wheel slimmed: {before / 2**20:.1f} -> {os.path.getsize(path) / 2**20:.1f} MiB"
       + ("" if strip else " (no `strip` here: binaries kept whole)"))
 EOF
+
+rm -rf "$WHEELS"
+mv "$build" "$WHEELS"
 
 # The budget: wheels + what else travels (tracked and untracked-not-ignored files) <= 64 MiB.
 ls -l "$WHEELS" | awk 'NR > 1 {printf "%8.2f MiB  %s\n", $5 / 1048576, $9}' | sort -rn
