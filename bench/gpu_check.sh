@@ -19,7 +19,7 @@ SMOKE=
 RESULTS=${OUT:-bench/results}
 mkdir -p "$RESULTS"
 
-if ! nvidia-smi -L && [ -z "$SMOKE" ]; then
+if [ -z "$SMOKE" ] && ! nvidia-smi -L; then
     echo "gpu_check: no NVIDIA GPU here (nvidia-smi failed): nothing to check (--smoke checks the script)." >&2
     exit 2
 fi
@@ -87,9 +87,10 @@ cat "$RESULTS/gpu_versions.txt"
 
 status=0
 gpus=$("$PYTHON" -c "import torch; print(min(torch.cuda.device_count(), 1))")
-# Tests: ~4 minutes on one H100-class GPU (the job-submit test starts a Ray head of its own).
-RAYTRAINER_TEST_GPUS=$gpus timeout 270 "$PYTHON" -m pytest tests/test_gpu.py ${GPU_CHECK_TESTS:-} -v -rs \
-    -p no:cacheprovider --durations=0 --basetemp="$(mktemp -d /tmp/gpu-tests-XXXX)" 2>&1 \
+# Tests: ~4 minutes on one H100-class GPU (the job-submit test starts a Ray head of its own). SIGINT at the limit
+# and at most 150 s a test, so that pytest still writes its summary and the failures' details.
+RAYTRAINER_TEST_GPUS=$gpus timeout -s INT -k 20 270 "$PYTHON" -m pytest tests/test_gpu.py ${GPU_CHECK_TESTS:-} -v \
+    -rs -p no:cacheprovider --durations=0 --timeout=150 --basetemp="$(mktemp -d /tmp/gpu-tests-XXXX)" 2>&1 \
     | tee "$RESULTS/gpu_tests.txt" || status=$?
 # Benchmark: ~2 minutes (three child processes; repeats reuse the warm worker).
 timeout 150 "$PYTHON" bench/gpu.py --repeats "${GPU_CHECK_REPEATS:-3}" ${SMOKE:+--smoke} 2>&1 \
