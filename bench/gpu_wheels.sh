@@ -5,7 +5,7 @@
 # tool's KINDS.md) but no Ray and no datasets, and older transformers than ours (>=5.20).
 #
 # Downloads the pinned wheels below into .gpu_wheels/ (git-ignored), slims Ray's wheel (no Java jar, no RLlib,
-# Serve, LLM or dashboard web client, binaries stripped of symbols) and checks that the wheels and the repository's
+# Serve or LLM, no source maps of the dashboard's web client, binaries stripped of symbols) and checks that the wheels and the repository's
 # files fit the 64 MiB that travel with one device run. bench/gpu_check.sh installs them there, offline.
 # Usage: bench/gpu_wheels.sh            (PYTHON=... picks the pip; any Python works, the wheels are for 3.12)
 set -euo pipefail
@@ -40,7 +40,7 @@ trap 'rm -rf "$build"' EXIT
 import base64, hashlib, os, shutil, subprocess, sys, tempfile, zipfile
 
 path = sys.argv[1]
-DROP = ("ray/jars/", "ray/rllib/", "ray/serve/", "ray/llm/", "ray/dashboard/client/build/")
+DROP = ("ray/jars/", "ray/rllib/", "ray/serve/", "ray/llm/")  # the dashboard needs its client build: not its .map
 STRIP = ("ray/_raylet.so", "ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet")
 strip = shutil.which("strip")
 before = os.path.getsize(path)
@@ -50,7 +50,7 @@ with zipfile.ZipFile(path) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEF
     record = []
     for info in source.infolist():
         name = info.filename
-        if name.startswith(DROP) or name == record_name:
+        if name.startswith(DROP) or name.endswith(".js.map") or name == record_name:
             continue
         data = source.read(info)
         if name in STRIP and strip:
