@@ -20,7 +20,10 @@ import psutil
 
 from helpers import free_ports, processes_of, stop_processes_of
 
-RAY = str(Path(sys.executable).with_name("ray"))
+# `ray` beside this Python (a virtualenv), else the one on PATH (wheels installed with `pip --target`, as
+# bench/gpu_check.sh does on the GPU machine).
+_BESIDE = Path(sys.executable).with_name("ray")
+RAY = str(_BESIDE) if _BESIDE.exists() else shutil.which("ray") or str(_BESIDE)
 PORT_OPTIONS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
                 "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                 "--runtime-env-agent-port", "--metrics-export-port")

@@ -4,7 +4,6 @@ waits for the node an autoscaler adds on a cluster that grows (here a real node 
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from _cluster_fixtures import RAY
 from helpers import RegressionModel, regression_dataset, stop_processes_of, training_settings
 from raytrainer import Trainer, TrainingArguments
 from raytrainer.backend.group import close_all_worker_groups
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-RAY = str(Path(sys.executable).with_name("ray"))
 SLOT = "autoscaled_slot"  # a resource only the added node has, as a GPU type only a scaled-up node group has
 
 

@@ -113,6 +113,27 @@ def test_a_driver_without_a_gpu_builds_bf16_and_tf32_arguments_for_gpu_workers()
         TrainingArguments(output_dir="unused", report_to=[], bf16=True)
 
 
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_package_installed_outside_site_packages_travels_by_reference(tmp_path, monkeypatch, installed):
+    """Runs everywhere: `pip install --target` folders on PYTHONPATH (bench/gpu_check.sh on the GPU machine) hold libraries: their
+    modules are importable on the workers, so they are not sent by value; the same package without a .dist-info
+    record beside it is the user's own code."""
+    import importlib
+
+    from raytrainer.backend.user_code import is_user_module
+
+    name = f"targetlib_{'installed' if installed else 'loose'}"
+    (tmp_path / name / "sub").mkdir(parents=True)
+    (tmp_path / name / "__init__.py").write_text("")
+    (tmp_path / name / "sub" / "__init__.py").write_text("")
+    (tmp_path / name / "sub" / "models.py").write_text("class Model:\n    pass\n")
+    if installed:
+        (tmp_path / f"{name}-1.0.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package, models = importlib.import_module(name), importlib.import_module(f"{name}.sub.models")
+    assert is_user_module(package) is is_user_module(models) is (not installed)
+
+
 class WorkerDevice(TrainerCallback):
     """Where the worker's model trains (the driver sees rank 0's value after train())."""
 

@@ -45,7 +45,23 @@ def is_user_module(module: types.ModuleType) -> bool:
     if name.split(".")[0] in _OUR_PACKAGES:
         return False
     path = getattr(module, "__file__", None)
-    return bool(path) and not os.path.realpath(path).startswith(_LIBRARY_DIRS)
+    if not path:
+        return False
+    path = os.path.realpath(path)
+    folder = path  # the folder its top-level package lies in
+    for _ in range(name.count(".") + 1 + os.path.basename(path).startswith("__init__.")):
+        folder = os.path.dirname(folder)
+    return not (path.startswith(_LIBRARY_DIRS) or _holds_distributions(folder))
+
+
+@functools.cache
+def _holds_distributions(folder: str) -> bool:
+    """A folder of installed distributions (by their .dist-info records), also one that is none of this
+    interpreter's library folders: a `pip install --target` folder on PYTHONPATH, as bench/gpu_check.sh makes."""
+    try:
+        return any(name.endswith(".dist-info") for name in os.listdir(folder))
+    except OSError:
+        return False
 
 
 def _related(obj: Any) -> Iterable[Any]:
