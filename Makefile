@@ -25,7 +25,7 @@ demo: venv
 	$(PY) examples/demo.py
 
 test: venv
-	$(PY) -m pytest tests --basetemp=$(CURDIR)/.pytest_tmp
+	$(PY) -m pytest tests --durations=30 --basetemp=$(CURDIR)/.pytest_tmp
 
 # The edit loop: pure-logic tests and one end-to-end test per feature (tests marked `quick`); CI runs `make test`.
 test-quick: venv
