@@ -116,6 +116,27 @@ def test_trials_run_on_the_trainers_warm_workers_and_a_failed_trial_spares_the_o
     assert evaluations.pids[-1] in trial_pids, (evaluations.pids, context)
 
 
+def test_a_search_starts_on_another_trainers_idle_workers(ray_session, tmp_path):
+    """A script that trained one Trainer and searches with another of the same layout: the search's first trial
+    runs on the first Trainer's idle worker process instead of closing it and starting a group."""
+    pid_file = tmp_path / "trial_pids.txt"
+
+    def objective(metrics):  # runs on the trial's rank-0 worker
+        with open(pid_file, "a") as file:
+            file.write(f"{os.getpid()}\n")
+        return metrics["eval_loss"]
+
+    evaluations = WorkerPids()
+    first = make_trainer(tmp_path / "first", callbacks=[evaluations])
+    first.evaluate()
+    warm_pid = evaluations.pids[-1]
+    second = make_trainer(tmp_path / "second")
+    best = second.hyperparameter_search(hp_space=learning_rates(GOOD_LR), n_trials=1, compute_objective=objective)
+    assert [t.status for t in best.run_summary.trials] == ["TERMINATED"]
+    assert {int(line) for line in pid_file.read_text().split()} == {warm_pid}  # an objective per evaluation
+    assert first._raytrainer_workers.group is None  # taken over: the first Trainer starts a group if called again
+
+
 def test_a_trial_whose_worker_is_killed_resumes_from_its_last_checkpoint(ray_session, tmp_path):
     marker = tmp_path / "killed.pid"
     marker.write_text("not yet")  # the first search runs undisturbed: it is the reference

@@ -175,11 +175,18 @@ class WorkerSession:
 
     def lend(self, args: Any, usable: bool) -> WorkerGroup | None:
         """Hand the warm group over to a hyperparameter search (None when there is none it can use: other
-        arguments, Ray Data, or Ray Train rotating checkpoints that trials need)."""
+        arguments, Ray Data, or Ray Train rotating checkpoints that trials need). Without one of its own, the
+        Trainer lends another Trainer's idle group of the same layout, as its own calls would take it over."""
         self._finish_early_start()
         group = self.group
         if group is None:
             group = self._take_early_group()
+            if group is None and usable:
+                spec = WorkerGroupSpec.of(args)
+                if spec.storage_path is None or args.save_total_limit is None:
+                    group = _take_idle_group(self._key(args, spec))
+                    if group is not None:
+                        group.set_idle_timeout(ray_settings(args)["worker_idle_timeout"] or None)
             if group is None:
                 return None
         else:
