@@ -88,8 +88,15 @@ def _trainer_on_ray(cls: type, ray_trainer: type) -> type:
 
 
 def _arguments_on_ray(cls: type, ray_arguments: type) -> type:
+    from raytrainer.arguments import workers_world_size
+
+    def __post_init__(self):
+        with workers_world_size(self):  # what `cls` derives from the world size, it derives for the workers
+            super(made, self).__post_init__()
+
     namespace = _namespace(cls, "with raytrainer's Ray fields (num_workers, use_gpu, resources_per_worker, ...)")
-    return dataclasses.dataclass(type(cls.__name__, (cls, ray_arguments), namespace))
+    made = type(cls.__name__, (cls, ray_arguments), {**namespace, "__post_init__": __post_init__})
+    return dataclasses.dataclass(made)
 
 
 def original_of(cls: type) -> type | None:
