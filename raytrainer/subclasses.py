@@ -6,6 +6,8 @@ methods come first in the MRO (`train()`/`evaluate()`/`predict()` go to the work
 they are `cls`'s own) and everything else is `cls`'s. `raytrainer.Trainer` itself is `on_ray(transformers.Trainer)`.
 The arguments class is `class X(cls, raytrainer.TrainingArguments)`: `cls`'s fields keep `cls`'s defaults (TRL's
 configs change transformers' defaults), and the Ray fields and their checks come from `raytrainer.TrainingArguments`.
+Its `__post_init__` sees `world_size == num_workers`, so what `cls` derives from the world size (TRL's GRPO/RLOO
+generation batch) is derived for the workers that will run it (`raytrainer.arguments.workers_world_size`).
 
 A class made here lives in this module, by the name of the class it was made from. It is not importable by that
 name: instances of an arguments class pickle as "on_ray(the original class)" (`new_instance`), so `torch.save(args)`

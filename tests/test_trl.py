@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,17 +63,27 @@ def torch_threads(count: int):
         torch.set_num_threads(saved)
 
 
-def torchrun_reference(tmp_path, kind: str, settings: dict) -> dict:
-    """TRL itself under `torchrun --nproc_per_node 2` (tests/_trl_torchrun.py): log history, weights, world size."""
-    (tmp_path / "settings.json").write_text(json.dumps(settings))
+@pytest.fixture(scope="module")
+def torchrun(tmp_path_factory) -> dict:
+    """TRL itself under `torchrun --nproc_per_node 2` (tests/_trl_torchrun.py), the SFT and the GRPO reference in one
+    start of the two processes: per kind, the log history, the final weights, the world size. use_cpu=True: without
+    it, each CPU process of torchrun trains on its own."""
+    tmp_path = tmp_path_factory.mktemp("torchrun")
+    runs = {"sft": settings(tmp_path, "sft", use_cpu=True),
+            "grpo": grpo_settings(tmp_path, "grpo", **GRPO_PER_PROCESS)}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
     script = Path(__file__).with_name("_trl_torchrun.py")
+    # Each process with the thread count of each of 2 workers on this node (their share of its cores; the tests
+    # check that they trained with it): float sums differ in their last bits between thread counts.
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), str(script), kind, str(tmp_path / "settings.json"),
-                          str(tmp_path / "result.json")], capture_output=True, text=True, timeout=300)
+                          "--master_port", str(free_port()), str(script), str(tmp_path / "runs.json"),
+                          str(tmp_path / "results.json")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": threads})
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["world_size"] == 2  # two processes trained together
-    return result
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(result["world_size"] == 2 for result in results.values())  # two processes trained together
+    return results
 
 
 def weights_of(result: dict) -> torch.nn.Module:
@@ -141,14 +152,15 @@ def test_on_ray_of_a_users_sft_subclass_runs_its_override_on_the_workers(tmp_pat
     assert first == pytest.approx(2 * plain.state.log_history[0]["loss"], rel=1e-5)
 
 
-def test_sft_on_two_workers_equals_trl_under_torchrun_with_two_processes(tmp_path):
+def test_sft_on_two_workers_equals_trl_under_torchrun_with_two_processes(tmp_path, torchrun):
     """2 workers x batch 4 against TRL itself under `torchrun --nproc_per_node 2` x 4 (not one process x 8: TRL's
     token-level losses differ there by about 1%)."""
-    # use_cpu=True: without it, each CPU process of torchrun trains on its own
-    theirs = torchrun_reference(tmp_path, "sft", settings(tmp_path, "torchrun", use_cpu=True))
+    theirs = torchrun["sft"]
+    threads = WorkerThreads()
     ours = SFTTrainer(model=gpt2(), args=SFTConfig(**settings(tmp_path, "rt", num_workers=2, use_cpu=True)),
-                      train_dataset=sft_data(), processing_class=tokenizer())
+                      train_dataset=sft_data(), processing_class=tokenizer(), callbacks=[threads])
     ours.train()
+    assert threads.threads == theirs["threads"]
     assert len([entry for entry in ours.state.log_history if "loss" in entry]) == 6
     assert_logs_close(theirs["log_history"], ours.state.log_history)  # per step: loss, entropy, accuracy, num_tokens
     assert_weights_close(weights_of(theirs), ours.model, tol=1e-6)
@@ -214,6 +226,9 @@ def test_reward_on_one_worker_equals_trl_in_process(tmp_path):
     assert_weights_close(theirs.model, ours.model, tol=1e-6)
 
 
+GRPO_PER_PROCESS = dict(per_device_train_batch_size=2, use_cpu=True)  # 2 workers and torchrun's 2 processes
+
+
 def grpo_settings(tmp_path, name: str, **overrides) -> dict:
     values = settings(tmp_path, name, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
                       max_steps=2, learning_rate=1e-2, use_vllm=False, temperature=1.0)
@@ -222,17 +237,18 @@ def grpo_settings(tmp_path, name: str, **overrides) -> dict:
     return values
 
 
-def test_grpo_on_two_workers_equals_trl_under_torchrun_and_brings_back_the_weights(tmp_path):
+def test_grpo_on_two_workers_equals_trl_under_torchrun_and_brings_back_the_weights(tmp_path, torchrun):
     """GRPO with a Python reward function and transformers' generate on 2 workers x 2 prompts-completions: per step
     TRL's reward metrics and losses equal TRL itself under `torchrun --nproc_per_node 2`, and so do the weights."""
-    two = dict(per_device_train_batch_size=2, use_cpu=True)
-    theirs = torchrun_reference(tmp_path, "grpo", grpo_settings(tmp_path, "torchrun", **two))
+    theirs = torchrun["grpo"]
     assert theirs["generation_batch_size"] == 4  # what the workers must use: 2 processes x 2
+    threads = WorkerThreads()
     trainer = GRPOTrainer(model=gpt2(), reward_funcs=digits, train_dataset=grpo_prompts(), processing_class=tokenizer(),
                           args=GRPOConfig(**grpo_settings(tmp_path, "rt", num_workers=2, save_strategy="steps",
-                                                          save_steps=2, **two)))
+                                                          save_steps=2, **GRPO_PER_PROCESS)), callbacks=[threads])
     before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
     trainer.train()
+    assert threads.threads == theirs["threads"]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
     for entry in logged:  # TRL's reward metrics, from the workers
