@@ -60,6 +60,12 @@ class TrainingArguments(training_args.TrainingArguments):
                 raise
         check_ray_fields(self)
 
+    @property
+    def world_size(self) -> int:
+        """transformers' number of processes; while an `on_ray` arguments class is built on the driver (its
+        `__post_init__`, `workers_world_size`), the number of workers that will run it."""
+        return self.__dict__.get("_raytrainer_building_for") or super().world_size
+
     def __reduce_ex__(self, protocol):
         """An instance of a class `raytrainer.on_ray` made (not importable by its name) pickles as an instance of
         `on_ray(original class)`, so that plain pickle (`torch.save(args)`) writes and reads it."""
@@ -94,6 +100,24 @@ def _device_checks_left_to_gpu_workers(args: Any) -> Iterator[None]:
     finally:
         for name, check in saved.items():
             setattr(training_args, name, check)
+
+
+@contextlib.contextmanager
+def workers_world_size(args: Any) -> Iterator[None]:
+    """`args.world_size` is `args.num_workers` inside this block: for a `__post_init__` that derives fields from the
+    world size. TRL's GRPOConfig and RLOOConfig derive `generation_batch_size` / `steps_per_generation` from it and
+    check them against `num_generations`; built on the driver (one process, no process group) they would see 1,
+    refuse valid settings and send the workers the batch sizes of a one-process run. The workers get the
+    arguments unpickled, without `__post_init__`, so what is derived here is what they use."""
+    workers = args.__dict__.get("num_workers")
+    if not isinstance(workers, int) or workers < 1:  # check_ray_fields names it
+        yield
+        return
+    args.__dict__["_raytrainer_building_for"] = workers
+    try:
+        yield
+    finally:
+        args.__dict__.pop("_raytrainer_building_for", None)
 
 
 def check_ray_fields(args: Any) -> None:

@@ -6,6 +6,8 @@ methods come first in the MRO (`train()`/`evaluate()`/`predict()` go to the work
 they are `cls`'s own) and everything else is `cls`'s. `raytrainer.Trainer` itself is `on_ray(transformers.Trainer)`.
 The arguments class is `class X(cls, raytrainer.TrainingArguments)`: `cls`'s fields keep `cls`'s defaults (TRL's
 configs change transformers' defaults), and the Ray fields and their checks come from `raytrainer.TrainingArguments`.
+Its `__post_init__` sees `world_size == num_workers`, so what `cls` derives from the world size (TRL's GRPO/RLOO
+generation batch) is derived for the workers that will run it (`raytrainer.arguments.workers_world_size`).
 
 A class made here lives in this module, by the name of the class it was made from. It is not importable by that
 name: instances of an arguments class pickle as "on_ray(the original class)" (`new_instance`), so `torch.save(args)`
@@ -88,8 +90,15 @@ def _trainer_on_ray(cls: type, ray_trainer: type) -> type:
 
 
 def _arguments_on_ray(cls: type, ray_arguments: type) -> type:
+    from raytrainer.arguments import workers_world_size
+
+    def __post_init__(self):
+        with workers_world_size(self):  # what `cls` derives from the world size, it derives for the workers
+            super(made, self).__post_init__()
+
     namespace = _namespace(cls, "with raytrainer's Ray fields (num_workers, use_gpu, resources_per_worker, ...)")
-    return dataclasses.dataclass(type(cls.__name__, (cls, ray_arguments), namespace))
+    made = type(cls.__name__, (cls, ray_arguments), {**namespace, "__post_init__": __post_init__})
+    return dataclasses.dataclass(made)
 
 
 def original_of(cls: type) -> type | None:

@@ -1,4 +1,4 @@
-"""The data of the TRL tests, shared by tests/test_trl.py and its torchrun reference (tests/_trl_torchrun_sft.py)."""
+"""The data of the TRL tests, shared by tests/test_trl.py and its torchrun reference (tests/_trl_torchrun.py)."""
 
 import datasets
 import torch
@@ -13,3 +13,12 @@ def additions(n: int, seed: int = 0) -> list[tuple[str, int]]:
 def sft_data(n: int = 32) -> datasets.Dataset:
     rows = additions(n)
     return datasets.Dataset.from_dict({"prompt": [p for p, _ in rows], "completion": [str(s) for _, s in rows]})
+
+
+def grpo_prompts(n: int = 8) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"prompt": [p for p, _ in additions(n, seed=2)]})
+
+
+def digits(completions, **kwargs) -> list[float]:
+    """A Python reward function: the share of a completion's characters that are digits."""
+    return [sum(c.isdigit() for c in completion) / max(len(completion), 1) for completion in completions]

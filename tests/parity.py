@@ -7,7 +7,7 @@ import math
 import torch
 import transformers
 
-TIMING_KEYS = ("runtime", "per_second", "total_flos")
+TIMING_KEYS = ("runtime", "per_second", "total_flos", "step_time")  # step_time: TRL (GRPO)
 
 
 def run_transformers(model, args, **kwargs):

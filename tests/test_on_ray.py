@@ -75,3 +75,25 @@ def test_on_ray_refuses_what_is_no_trainer_or_arguments_class():
         on_ray(transformers.PreTrainedModel)
     with pytest.raises(TypeError, match="not a class"):
         on_ray("trl.SFTTrainer")
+
+
+def test_trl_configs_derive_the_generation_batch_for_the_workers(tmp_path):
+    """TRL's GRPOConfig and RLOOConfig derive the generation batch from the world size in `__post_init__`; built on
+    the driver (one process) they would see 1, refuse what is valid on 2 workers and hand the workers a one-process
+    generation batch. They derive it for num_workers processes (what TRL derives under torchrun with that many,
+    tests/test_trl.py checks the run), and refuse bad settings on the driver with TRL's own message."""
+    common = dict(output_dir=str(tmp_path), report_to=[], bf16=False, use_vllm=False, num_generations=4)
+    with pytest.raises(ValueError, match=r"generation_batch_size \(2\) must be divisible by num_generations"):
+        trl.GRPOConfig(**common, per_device_train_batch_size=2)  # TRL on the driver: world size 1
+    for original in (trl.GRPOConfig, trl.RLOOConfig):
+        made = on_ray(original)
+        args = made(**common, num_workers=2, per_device_train_batch_size=2)
+        assert (args.generation_batch_size, args.steps_per_generation) == (4, 1)
+        assert args.world_size == 1 and "_raytrainer_building_for" not in vars(args)  # only for __post_init__
+        assert made(**common, num_workers=2, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2).generation_batch_size == 8
+        with pytest.raises(ValueError, match=r"generation_batch_size \(6\) must be divisible by num_generations "
+                                             r"\(4\)"):
+            made(**common, num_workers=2, per_device_train_batch_size=3)
+        with pytest.raises(ValueError, match=r"must be divisible by the global batch size \(4\)"):
+            made(**common, num_workers=2, per_device_train_batch_size=2, generation_batch_size=6)
