@@ -79,8 +79,9 @@ class WarmGroupPool:
     Trainers release their groups as they do outside the tests.
 
     Not kept: groups whose layout allows failures (Ray Train counts a group's restarts over its whole life, so a
-    fault test's group could not serve another one), and more than `max_cpus` CPUs of groups (least recently used
-    go first): Tune trials and the iterative actors need the session's CPUs too.
+    fault test's group could not serve another one), groups no other test asks for (a `storage_path` under the
+    test's own temporary folder, resources other than CPUs), and more than `max_cpus` CPUs of groups (least
+    recently used go first): Tune trials and the iterative actors need the session's CPUs too.
     """
 
     def __init__(self, max_cpus: float = 4):
@@ -99,7 +100,8 @@ class WarmGroupPool:
 
             owner = session._owners.get(group)
             if (self.closing_for_real or not isinstance(group, WorkerGroup) or owner is None or group.busy
-                    or not group.alive or group.spec.max_failures != 0):
+                    or not group.alive or group.spec.max_failures != 0 or group.spec.storage_path is not None
+                    or set(group.spec.total()) - {"CPU"}):
                 release(group)
                 return
             session._owners[group] = (weakref.ref(self), owner[1])
