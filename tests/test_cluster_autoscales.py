@@ -14,7 +14,7 @@ import pytest
 from _cluster_fixtures import RAY
 from helpers import RegressionModel, regression_dataset, stop_processes_of, training_settings
 from raytrainer import Trainer, TrainingArguments
-from raytrainer.backend.group import close_all_worker_groups
+from raytrainer.backend import group as worker_group
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -51,6 +51,12 @@ def test_a_group_the_cluster_cannot_hold_fails_at_once_unless_the_cluster_autosc
                                                                                      ray_session):
     ray = ray_session
     data = regression_dataset(16)
+    # Another Trainer's idle warm workers: waiting for a resource they do not hold, the group must not close them.
+    idle_trainer = Trainer(model=RegressionModel(), args=TrainingArguments(**training_settings(tmp_path, "idle",
+                           max_steps=1, num_workers=1)), eval_dataset=data)
+    idle_trainer.evaluate()
+    idle_group = idle_trainer._raytrainer_workers.group
+    groups_before = set(worker_group._live_groups)  # the session's idle groups, on nodes that stay
     monkeypatch.delenv("RAYTRAINER_CLUSTER_AUTOSCALES", raising=False)
     thread, outcome = train_in_thread(Trainer(model=RegressionModel(), args=arguments(tmp_path), train_dataset=data))
     thread.join(timeout=60)
@@ -84,8 +90,10 @@ def test_a_group_the_cluster_cannot_hold_fails_at_once_unless_the_cluster_autosc
         assert not thread.is_alive(), "training did not finish on the added node"
         assert "error" not in outcome, outcome.get("error")
         assert outcome["output"].global_step == 2
+        assert idle_group.alive and idle_trainer._raytrainer_workers.group is idle_group
     finally:
-        close_all_worker_groups()  # the workers on the added node go first, then the node
+        for group in set(worker_group._live_groups) - groups_before:  # the workers on the added node go first,
+            group.close()  # then the node
         if node is not None:
             stop_node(node, node_dir)
         thread.join(timeout=60)

@@ -202,6 +202,12 @@ def _make_room(spec: WorkerGroupSpec, exclude: WorkerGroup | None = None) -> Non
     """Close idle warm groups of this driver, least recently used first, while the cluster lacks the resources
     for `spec` (other Trainers' idle workers must not block a new group)."""
     idle = sorted((g for g in list(_live_groups) if g is not exclude and not g.busy), key=lambda g: g.last_used)
+    available, held = ray.available_resources(), {}
+    for group in idle:
+        for name, amount in group.spec.total().items():
+            held[name] = held.get(name, 0) + amount
+    if any(available.get(name, 0) + held.get(name, 0) + 1e-9 < amount for name, amount in spec.total().items()):
+        return  # what is missing is not held by idle groups (it waits for the cluster to grow): keep them warm
     for group in idle:
         if _fits_now(spec):
             return
