@@ -290,24 +290,28 @@ class Trainer(TransformersTrainer):
     def _take_optimizer(self, state: OptimizerState) -> None:
         """The driver's optimizer and scheduler made what rank 0's are after training: built by this Trainer's own
         `create_optimizer` / `create_scheduler` over the driver's model (or the ones it was given), with rank 0's
-        state loaded, as transformers leaves them in one process."""
+        state loaded, and accelerate's wrapper around the optimizer, as transformers leaves them in one process."""
         from accelerate.optimizer import AcceleratedOptimizer
 
+        before = self.optimizer, self.lr_scheduler, self._created_lr_scheduler
         try:
-            if self._created_lr_scheduler:  # transformers makes the scheduler again for each train()
-                self.lr_scheduler, self._created_lr_scheduler = None, False
             with _cpu_only():
-                optimizer = self.optimizer if self.optimizer is not None else self.create_optimizer()
-                if state.prepared and not isinstance(optimizer, AcceleratedOptimizer):
-                    optimizer = self.accelerator.prepare_optimizer(optimizer)
-                self.optimizer = optimizer
+                if self._created_lr_scheduler:  # transformers makes the scheduler again for each train()
+                    self.lr_scheduler = None
+                if self.optimizer is None:
+                    self.create_optimizer()
+                if state.prepared and not isinstance(self.optimizer, AcceleratedOptimizer):
+                    # (not the driver's accelerator: arguments built after it may have reset its state)
+                    self.optimizer = AcceleratedOptimizer(self.optimizer, device_placement=False)
                 if state.scheduler is not None and self.lr_scheduler is None:
                     self.create_scheduler(num_training_steps=self.state.max_steps)
-            self.optimizer.load_state_dict(state.optimizer)
-            if state.scheduler is not None:
-                self.lr_scheduler.load_state_dict(state.scheduler)
+                inner = self.optimizer.optimizer if isinstance(self.optimizer, AcceleratedOptimizer) else self.optimizer
+                inner.load_state_dict(state.optimizer)
+                if state.scheduler is not None:
+                    self.lr_scheduler.load_state_dict(state.scheduler)
             self._created_lr_scheduler = state.scheduler_created
         except Exception as error:  # noqa: BLE001 - the training itself succeeded: keep its results
+            self.optimizer, self.lr_scheduler, self._created_lr_scheduler = before
             logger.warning(f"The workers' optimizer state could not be loaded into the driver's trainer.optimizer "
                            f"({type(error).__name__}: {error}); trainer.optimizer and trainer.lr_scheduler are "
                            "left as the driver had them.")

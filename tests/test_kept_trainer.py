@@ -7,7 +7,8 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from helpers import RegressionModel, regression_dataset, training_arguments, training_settings
+from helpers import (KillWorkerOnce, RegressionModel, killed_pid, regression_dataset, training_arguments,
+                     training_settings)
 from parity import assert_weights_close
 from raytrainer import Trainer
 
@@ -115,3 +116,26 @@ def test_changed_weights_reach_the_kept_trainer_and_a_new_trainer_gets_a_fresh_o
     assert ours.optimizer.state_dict()["state"][0]["step"].item() == 3
     ours.close()
     our_next.close()
+
+
+def test_a_worker_killed_in_a_second_train_restarts_the_group_which_builds_the_trainer_again(tmp_path):
+    """The restarted workers keep nothing: they build the Trainer and resume from the checkpoint the second call saved
+    (whose optimizer state went on from the first call's), ending where transformers' two calls end."""
+    data = regression_dataset(48)
+    values = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=0.05)
+    theirs = transformers.Trainer(model=RegressionModel(), train_dataset=data,
+                                  args=transformers.TrainingArguments(**training_settings(tmp_path, "hf", **values)))
+    ours = Trainer(model=RegressionModel(), train_dataset=data,
+                   args=training_arguments(tmp_path, num_workers=2, max_failures=1, per_device_train_batch_size=4,
+                                           **values))
+    theirs.train()
+    theirs.train()
+    ours.train()
+    marker = str(tmp_path / "killed.pid")
+    ours.add_callback(KillWorkerOnce(6, marker))  # after the second call's checkpoint-4
+    ours.train()
+    assert killed_pid(marker)
+    assert ours.state.global_step == 8
+    assert_optimizers_equal(theirs, ours)
+    assert_weights_close(theirs.model, ours.model, tol=1e-6)
+    ours.close()
