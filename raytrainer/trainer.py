@@ -43,8 +43,6 @@ _PROCESS_BOUND = frozenset({"accelerator", "gather_function", "callback_handler"
 # Trainer's model is not the one they refer to once unpickled there), and the arguments (the Trainer's accelerator
 # was made from the ones it has). The worker builds the Trainer afresh instead.
 _BUILT_WITH = frozenset({"model", "model_wrapped", "optimizer", "lr_scheduler", "args"})
-
-
 # What belongs to this driver object, not to a copy of it: its workers, and the identity and last call under which
 # they keep its Trainer.
 _OF_THIS_OBJECT = frozenset({"_raytrainer_workers", "_raytrainer_identity", "_raytrainer_since_call"})
@@ -236,7 +234,7 @@ class Trainer(TransformersTrainer):
             not any(value is self.model for value in (*call.args, *call.kwargs.values()))
         model_weights = pack_weights(self.model) if model_built else None
         kept = self._kept_trainer_update(model_weights) if keep else None
-        if kept is not None:  # (one rebound back to what construction left is set again on a fresh Trainer: harmless)
+        if kept is not None:  # (one rebound back to what construction left is set again on a fresh Trainer: no harm)
             changed.update({name: getattr(self, name) for name in kept.rebound})
         return TrainerRecipe(
             trainer_class=type(self),
@@ -257,9 +255,9 @@ class Trainer(TransformersTrainer):
 
     def _kept_trainer_update(self, model_weights: Any) -> KeptTrainerUpdate | None:
         """What a worker's kept Trainer applies for this call; None where it must build the Trainer afresh: no call
-        before, an attribute rebound that refers to the driver's model (or the arguments), one deleted, the model's own settings
-        changed (its plain attributes, its config), sharded training (FSDP, DeepSpeed: the weights are the
-        shards')."""
+        before, an attribute rebound that refers to the driver's model (or the arguments), one deleted, the model's
+        own settings changed (its plain attributes, its config), sharded training (FSDP, DeepSpeed: the weights are
+        the shards')."""
         from raytrainer.backend.weights import pack_weights
 
         since_call = self.__dict__.get("_raytrainer_since_call")
@@ -305,7 +303,8 @@ class Trainer(TransformersTrainer):
                     self.optimizer = AcceleratedOptimizer(self.optimizer, device_placement=False)
                 if state.scheduler is not None and self.lr_scheduler is None:
                     self.create_scheduler(num_training_steps=self.state.max_steps)
-                inner = self.optimizer.optimizer if isinstance(self.optimizer, AcceleratedOptimizer) else self.optimizer
+                prepared = isinstance(self.optimizer, AcceleratedOptimizer)
+                inner = self.optimizer.optimizer if prepared else self.optimizer
                 inner.load_state_dict(state.optimizer)
                 if state.scheduler is not None:
                     self.lr_scheduler.load_state_dict(state.scheduler)

@@ -24,8 +24,8 @@ from transformers.training_args import TrainingArguments
 
 from raytrainer.backend import data_transport
 from raytrainer.backend.channel import CommandRequest, Idle, PendingCommand
-from raytrainer.backend.commands import (CallbackUpdate, CommandResult, KeptTrainerUpdate, OptimizerState, TrainerRecipe,
-                                         WorkerCommand)
+from raytrainer.backend.commands import (CallbackUpdate, CommandResult, KeptTrainerUpdate, OptimizerState,
+                                         TrainerRecipe, WorkerCommand)
 from raytrainer.backend.reporting import CheckpointReporter
 from raytrainer.backend.role import mark_worker
 from raytrainer.backend.user_code import make_importable
@@ -235,7 +235,8 @@ def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: di
         args_changes={k: v for k, v in after["args"].items() if _differs(before["args"].get(k, _MISSING), v)},
         attribute_changes={k: v for k, v in after["attributes"].items()
                            if _differs(before["attributes"].get(k, _MISSING), v)},
-        model_attribute_changes={k: v for k, v in after["model"].items() if _differs(before["model"].get(k, _MISSING), v)},
+        model_attribute_changes={k: v for k, v in after["model"].items()
+                                 if _differs(before["model"].get(k, _MISSING), v)},
         optimizer=optimizer_state(trainer) if command.returns_weights and not sharded else None)
 
 
