@@ -17,8 +17,10 @@ import contextlib
 import copy
 import functools
 import inspect
+import logging
 import os
 import types
+import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator
 
@@ -28,13 +30,22 @@ from transformers.trainer_utils import PredictionOutput, TrainOutput, enable_ful
 from transformers.training_args import TrainingArguments as TransformersTrainingArguments
 
 from raytrainer import checks
-from raytrainer.backend.commands import (CallbackUpdate, CommandResult, EvaluateCommand, PredictCommand, TrainCommand,
-                                         TrainerRecipe, WorkerCommand)
+from raytrainer.backend.commands import (CallbackUpdate, CommandResult, EvaluateCommand, KeptTrainerUpdate,
+                                         OptimizerState, PredictCommand, TrainCommand, TrainerRecipe, WorkerCommand)
 from raytrainer.backend.role import in_worker
 from raytrainer.backend.session import WorkerSession, is_display_callback, worker_callbacks
 
+logger = logging.getLogger(__name__)
+
 # Attributes of a Trainer that belong to the process holding it, never sent: each worker has its own.
 _PROCESS_BOUND = frozenset({"accelerator", "gather_function", "callback_handler", "_memory_tracker"})
+# Attributes a worker's kept Trainer cannot take rebound: the objects that refer to the model's parameters (a kept
+# Trainer's model is not the one they refer to once unpickled there), and the arguments (the Trainer's accelerator
+# was made from the ones it has). The worker builds the Trainer afresh instead.
+_BUILT_WITH = frozenset({"model", "model_wrapped", "optimizer", "lr_scheduler", "args"})
+# What belongs to this driver object, not to a copy of it: its workers, and the identity and last call under which
+# they keep its Trainer.
+_OF_THIS_OBJECT = frozenset({"_raytrainer_workers", "_raytrainer_identity", "_raytrainer_since_call"})
 
 
 @dataclass
@@ -108,6 +119,7 @@ class Trainer(TransformersTrainer):
         from raytrainer.backend.weights import state_dict_of
 
         self.model.load_state_dict(state_dict_of(result.weights))  # the model's own loader: it may resize buffers
+        self._finish_call(result)
         return result.output
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
@@ -122,8 +134,9 @@ class Trainer(TransformersTrainer):
                                  "evaluate().")
             checks.check_dataset(self, eval_dataset if eval_dataset is not None else self.eval_dataset, "evaluation",
                                  needs_labels=False)
-            command = EvaluateCommand(eval_dataset, ignore_keys, metric_key_prefix)
-            return self._run_on_workers(command, "evaluate").output
+            result = self._run_on_workers(EvaluateCommand(eval_dataset, ignore_keys, metric_key_prefix), "evaluate")
+        self._finish_call(result)
+        return result.output
 
     def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
                 metric_key_prefix: str = "test") -> PredictionOutput:
@@ -134,7 +147,9 @@ class Trainer(TransformersTrainer):
             if test_dataset is None:
                 raise ValueError("Trainer.predict() needs a test_dataset.")
             checks.check_dataset(self, test_dataset, "test", needs_labels=False)
-            return self._run_on_workers(PredictCommand(test_dataset, ignore_keys, metric_key_prefix), "predict").output
+            result = self._run_on_workers(PredictCommand(test_dataset, ignore_keys, metric_key_prefix), "predict")
+        self._finish_call(result)
+        return result.output
 
     def hyperparameter_search(self, hp_space: Callable | None = None, compute_objective: Callable | None = None,
                               n_trials: int = 20, direction: str = "minimize", backend: Any = None,
@@ -177,8 +192,9 @@ class Trainer(TransformersTrainer):
         self.close()
 
     def __getstate__(self) -> dict:
-        """A pickled Trainer (a component that refers to it) leaves its workers behind."""
-        return {k: v for k, v in self.__dict__.items() if k != "_raytrainer_workers"}
+        """A pickled Trainer (a component that refers to it) leaves its workers behind, and the identity under which
+        they keep its Trainer: a copy is another Trainer."""
+        return {k: v for k, v in self.__dict__.items() if k not in _OF_THIS_OBJECT}
 
     # ----------------------------------------------------------------------------------- one call
     def _run_on_workers(self, command: WorkerCommand, description: str) -> CommandResult:
@@ -204,8 +220,9 @@ class Trainer(TransformersTrainer):
         self._apply(result, callbacks)
         return result
 
-    def _recipe(self, ray_datasets: dict) -> TrainerRecipe:
-        """How a worker builds this Trainer now: the constructor call, and the attributes rebound since."""
+    def _recipe(self, ray_datasets: dict, keep: bool = True) -> TrainerRecipe:
+        """How a worker builds this Trainer now: the constructor call, and the attributes rebound since; and
+        (`keep`) how the Trainer a worker kept from this Trainer's last call takes this one."""
         from raytrainer.backend.session import driver_environment
         from raytrainer.backend.weights import pack_weights
 
@@ -215,24 +232,90 @@ class Trainer(TransformersTrainer):
         # The constructor built or wrapped the model (a model name, PEFT): the call does not hold the driver's weights.
         model_built = self.model is not None and self.model_init is None and "model" not in changed and \
             not any(value is self.model for value in (*call.args, *call.kwargs.values()))
+        model_weights = pack_weights(self.model) if model_built else None
+        kept = self._kept_trainer_update(model_weights) if keep else None
+        if kept is not None:  # (one rebound back to what construction left is set again on a fresh Trainer: no harm)
+            changed.update({name: getattr(self, name) for name in kept.rebound})
         return TrainerRecipe(
             trainer_class=type(self),
             init_args=tuple(datasets.stand_in(value, ray_datasets, f"argument_{i}") for i, value in enumerate(call.args)),
             init_kwargs={name: datasets.stand_in(value, ray_datasets, name) for name, value in call.kwargs.items()},
             changed={name: datasets.stand_in(value, ray_datasets, name) for name, value in changed.items()},
             environment=driver_environment(), working_dir=os.getcwd(),
-            model_prepared=self.__dict__.get("_raytrainer_model_prepared", False),
-            model_weights=pack_weights(self.model) if model_built else None)
+            model_prepared=self.__dict__.get("_raytrainer_model_prepared", False), model_weights=model_weights,
+            identity=self.__dict__.setdefault("_raytrainer_identity", uuid.uuid4().hex), kept=kept)
 
     def _changed_since_construction(self) -> dict[str, Any]:
+        """The attributes rebound since construction, but for the optimizer and scheduler a call brought back
+        (the worker that builds the Trainer afresh starts those as the workers' own call would)."""
         baseline = self.__dict__.get("_raytrainer_baseline", {})
-        changed = {}
-        for name, value in vars(self).items():
-            if name.startswith("_raytrainer") or name in _PROCESS_BOUND:
-                continue
-            if name not in baseline or baseline[name].differs(value):
-                changed[name] = value
-        return changed
+        from_calls = self.__dict__.get("_raytrainer_from_call", {})
+        return {name: value for name, value in _rebound(self, baseline).items()
+                if not (name in from_calls and from_calls[name] is value)}
+
+    def _kept_trainer_update(self, model_weights: Any) -> KeptTrainerUpdate | None:
+        """What a worker's kept Trainer applies for this call; None where it must build the Trainer afresh: no call
+        before, an attribute rebound that refers to the driver's model (or the arguments), one deleted, the model's
+        own settings changed (its plain attributes, its config), sharded training (FSDP, DeepSpeed: the weights are
+        the shards')."""
+        from raytrainer.backend.weights import pack_weights
+
+        since_call = self.__dict__.get("_raytrainer_since_call")
+        if since_call is None or self.args.fsdp or self.args.deepspeed:
+            return None
+        rebound = _rebound(self, since_call)
+        if any(name in _BUILT_WITH or _refers_to_a_model(value) for name, value in rebound.items()) or \
+                any(name not in vars(self) for name in since_call) or \
+                self.__dict__.get("_raytrainer_model_settings") != _model_settings(self.model):
+            return None
+        weights = model_weights if model_weights is not None or self.model is None else pack_weights(self.model)
+        return KeptTrainerUpdate(rebound=tuple(rebound), args=self.args, weights=weights)
+
+    def _finish_call(self, result: CommandResult) -> None:
+        """After a call and the model it left: the attributes it set on the model, the optimizer and scheduler
+        training left, and what the driver's Trainer holds now (to tell what its code changes before the next)."""
+        if self.model is not None:
+            for name, value in result.model_attribute_changes.items():
+                if name == "training":  # the mode of every submodule, as model.train()/eval() set it
+                    self.model.train(value)
+                else:
+                    setattr(self.model, name, value)
+        if result.optimizer is not None:
+            self._take_optimizer(result.optimizer)
+        self.__dict__["_raytrainer_since_call"] = _snapshot(self)
+        self.__dict__["_raytrainer_model_settings"] = _model_settings(self.model)
+
+    def _take_optimizer(self, state: OptimizerState) -> None:
+        """The driver's optimizer and scheduler made what rank 0's are after training: built by this Trainer's own
+        `create_optimizer` / `create_scheduler` over the driver's model (or the ones it was given), with rank 0's
+        state loaded, and accelerate's wrapper around the optimizer, as transformers leaves them in one process."""
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        before = self.optimizer, self.lr_scheduler, self._created_lr_scheduler
+        try:
+            with _cpu_only():
+                if self._created_lr_scheduler:  # transformers makes the scheduler again for each train()
+                    self.lr_scheduler = None
+                if self.optimizer is None:
+                    self.create_optimizer()
+                if state.prepared and not isinstance(self.optimizer, AcceleratedOptimizer):
+                    # (not the driver's accelerator: arguments built after it may have reset its state)
+                    self.optimizer = AcceleratedOptimizer(self.optimizer, device_placement=False)
+                if state.scheduler is not None and self.lr_scheduler is None:
+                    self.create_scheduler(num_training_steps=self.state.max_steps)
+                prepared = isinstance(self.optimizer, AcceleratedOptimizer)
+                inner = self.optimizer.optimizer if prepared else self.optimizer
+                inner.load_state_dict(state.optimizer)
+                if state.scheduler is not None:
+                    self.lr_scheduler.load_state_dict(state.scheduler)
+            self._created_lr_scheduler = state.scheduler_created
+        except Exception as error:  # noqa: BLE001 - the training itself succeeded: keep its results
+            self.optimizer, self.lr_scheduler, self._created_lr_scheduler = before
+            logger.warning(f"The workers' optimizer state could not be loaded into the driver's trainer.optimizer "
+                           f"({type(error).__name__}: {error}); trainer.optimizer and trainer.lr_scheduler are "
+                           "left as the driver had them.")
+            return
+        self.__dict__["_raytrainer_from_call"] = {"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler}
 
     def _apply(self, result: CommandResult, sent_callbacks: list) -> None:
         """Make this Trainer what the call made rank 0's: state, control, callbacks, changed fields."""
@@ -268,6 +351,39 @@ class _Seen:
             return True
 
 
+def _snapshot(trainer: Trainer) -> dict[str, _Seen]:
+    """Each attribute of `trainer` as it is now, to tell what is rebound (or changed, for plain data) later."""
+    return {name: _Seen(value, copy.deepcopy(value), True) if _is_plain(value) else _Seen(value)
+            for name, value in vars(trainer).items() if not name.startswith("_raytrainer")}
+
+
+def _rebound(trainer: Trainer, seen: dict[str, _Seen]) -> dict[str, Any]:
+    """The attributes of `trainer` rebound (or, plain data, changed) since `seen`."""
+    return {name: value for name, value in vars(trainer).items()
+            if not name.startswith("_raytrainer") and name not in _PROCESS_BOUND
+            and (name not in seen or seen[name].differs(value))}
+
+
+def _model_settings(model: Any) -> Any:
+    """A model's plain attributes and its config, as data (a change between calls is not applied to a kept model:
+    the workers build the Trainer afresh)."""
+    if model is None:
+        return None
+    config = getattr(model, "config", None)
+    return ({k: copy.deepcopy(v) for k, v in vars(model).items() if _is_plain(v)},
+            config.to_dict() if hasattr(config, "to_dict") else None)
+
+
+def _refers_to_a_model(value: Any) -> bool:
+    """A module, optimizer or scheduler, or a list, tuple or dict holding one."""
+    if isinstance(value, (list, tuple)):
+        return any(_refers_to_a_model(v) for v in value)
+    if isinstance(value, dict):
+        return any(_refers_to_a_model(v) for v in value.values())
+    return isinstance(value, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler,
+                              torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
 def _is_plain(value: Any) -> bool:
     if isinstance(value, (type(None), bool, int, float, str)):
         return True
@@ -289,9 +405,10 @@ def _construction(trainer: Trainer) -> Iterator[None]:
     finally:
         trainer.__dict__["_raytrainer_depth"] = depth
     if depth == 0 and not in_worker():
-        trainer.__dict__["_raytrainer_baseline"] = {
-            name: _Seen(value, copy.deepcopy(value), True) if _is_plain(value) else _Seen(value)
-            for name, value in vars(trainer).items() if not name.startswith("_raytrainer")}
+        trainer.__dict__["_raytrainer_baseline"] = _snapshot(trainer)
+        # Each construction is another Trainer for the workers: none keeps a Trainer built for an earlier one.
+        trainer.__dict__["_raytrainer_identity"] = uuid.uuid4().hex
+        trainer.__dict__.pop("_raytrainer_since_call", None)
         _check_cluster_address(trainer)
         _start_early(trainer)
 

@@ -4,7 +4,9 @@ result. Typed messages; the workers build and run them in `backend.worker`.
 A worker does not receive the driver's Trainer object (its accelerator and device placement belong to the driver):
 it constructs the user's own Trainer class again, as every process of a `torchrun` launch does, from the same
 constructor call (`TrainerRecipe`), then sets what the driver's code changed on its Trainer since (`changed`),
-so that overrides, arguments and integrations behave as transformers makes them behave.
+so that overrides, arguments and integrations behave as transformers makes them behave. The worker keeps that
+Trainer for the next call of the same driver Trainer (`TrainerRecipe.identity`), which then only applies what the
+driver changed since its last call (`TrainerRecipe.kept`), as an in-process Trainer would see it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ class TrainerRecipe:
     working_dir: str | None = None
     model_prepared: bool = False  # an earlier call prepared the model with the accelerator (in-process it would)
     model_weights: Any = None  # a `backend.weights.WeightVersion`, or None where the call holds trainer.model
+    identity: str = ""
+    kept: "KeptTrainerUpdate | None" = None
+
+
+@dataclass
+class KeptTrainerUpdate:
+    """What the driver's code changed on its Trainer since its last call, for the worker's kept Trainer.
+
+    Args:
+        rebound: names of the attributes rebound since the last call (their values are in `TrainerRecipe.changed`).
+        args: the driver's `trainer.args` as it is now: its fields are copied into the kept Trainer's arguments
+            (in one process, code that sets `trainer.args.max_steps` changes the Trainer's own arguments).
+        weights: the driver's `trainer.model` weights now (a `backend.weights.WeightVersion`), loaded into the kept
+            model in place (its optimizer keeps referring to the same tensors); None without a model.
+    """
+
+    rebound: tuple[str, ...]
+    args: Any
+    weights: Any = None
 
 
 class WorkerCommand:
@@ -47,6 +68,7 @@ class WorkerCommand:
     search trial (`raytrainer.tune.trial_command`)."""
 
     returns_weights = False  # rank 0 sends the model's weights back (after training)
+    keeps_trainer = True  # the worker keeps the Trainer for the driver Trainer's next call
     sends_result = True  # rank 0 sends a `CommandResult` (a search trial's results go to Tune instead)
 
     def recipe(self, recipe: TrainerRecipe) -> TrainerRecipe:
@@ -131,3 +153,22 @@ class CommandResult:
     weights: Any = None  # a `backend.weights.WeightVersion` after training
     args_changes: dict = field(default_factory=dict)  # TrainingArguments fields the call changed
     attribute_changes: dict = field(default_factory=dict)  # plain Trainer attributes the call changed
+    model_attribute_changes: dict = field(default_factory=dict)  # plain attributes the call set on the model
+    optimizer: "OptimizerState | None" = None  # after training (None where it is sharded: FSDP, DeepSpeed)
+
+
+@dataclass
+class OptimizerState:
+    """Rank 0's optimizer and learning-rate scheduler after training, for the driver's own (on its CPU).
+
+    Args:
+        optimizer: the optimizer's `state_dict()` (tensors on the CPU).
+        prepared: the optimizer was accelerate's wrapper (`AcceleratedOptimizer`), as transformers leaves it.
+        scheduler: the scheduler's `state_dict()`, or None without one.
+        scheduler_created: transformers created the scheduler (it creates it again at the next `train()`).
+    """
+
+    optimizer: dict
+    prepared: bool
+    scheduler: dict | None = None
+    scheduler_created: bool = False

@@ -24,7 +24,8 @@ from transformers.training_args import TrainingArguments
 
 from raytrainer.backend import data_transport
 from raytrainer.backend.channel import CommandRequest, Idle, PendingCommand
-from raytrainer.backend.commands import CallbackUpdate, CommandResult, TrainerRecipe, WorkerCommand
+from raytrainer.backend.commands import (CallbackUpdate, CommandResult, KeptTrainerUpdate, OptimizerState,
+                                         TrainerRecipe, WorkerCommand)
 from raytrainer.backend.reporting import CheckpointReporter
 from raytrainer.backend.role import mark_worker
 from raytrainer.backend.user_code import make_importable
@@ -75,11 +76,13 @@ def prepare_worker(config: dict) -> int:
 
 
 def run_command(seq: int, request: CommandRequest, channel: Any, rank: int, config: dict) -> None:
-    """Build the Trainer for one command, run it, and (rank 0) hand its result to the channel."""
+    """Build the Trainer for one command (or take the kept one), run it, and (rank 0) hand its result to the
+    channel."""
+    global _kept
     recipe, callbacks, command = ray.get([request.recipe[0], request.callbacks[0], request.command[0]])
     world_size = ray.train.get_context().get_world_size()
     with _driver_environment(recipe), transformers_logs_to_driver(channel, rank):
-        trainer, sent = build_trainer(command.recipe(recipe), callbacks, command)
+        trainer, sent = trainer_for(command.recipe(recipe), callbacks, command)
         reporter = CheckpointReporter(channel, seq, rank, config["persist_checkpoints"],
                                       **command.reporter_options(channel, seq))
         command.prepare(trainer)
@@ -88,23 +91,68 @@ def run_command(seq: int, request: CommandRequest, channel: Any, rank: int, conf
         before = _observe(trainer)
         output = command.run(trainer, reporter.latest_checkpoint())
         result = collect_result(trainer, output, command, before, sent, events, rank)
+        trainer.remove_callback(events)
+    if command.keeps_trainer and recipe.identity:
+        _kept = KeptTrainer(recipe.identity, trainer)
     if rank == 0:  # by reference: the channel's process never unpickles (imports) what the result holds
         ray.get(channel.finish.remote(seq, [ray.put(result) if result is not None else None]))
 
 
-def build_trainer(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand) -> tuple[Any, dict[int, int]]:
-    """The user's Trainer for this worker, and the driver's index of each callback put into it (by id)."""
-    init_args = tuple(data_transport.rebuild(value) for value in recipe.init_args)
-    init_kwargs = {name: data_transport.rebuild(value) for name, value in recipe.init_kwargs.items()}
+@dataclasses.dataclass
+class KeptTrainer:
+    """The Trainer this worker built for one driver Trainer (`TrainerRecipe.identity`), kept for its next call.
+
+    It lives in this worker process: a group that Ray Train restarted has new processes, which keep nothing, so a
+    restarted group always builds the Trainer afresh."""
+
+    identity: str
+    trainer: Any
+
+
+_kept: KeptTrainer | None = None
+
+
+def trainer_for(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand) -> tuple[Any, dict[int, int]]:
+    """The kept Trainer where it was built for the same driver Trainer and the driver allows it, updated with what
+    the driver changed since; else a Trainer built afresh. Every rank decides the same (same commands, same
+    recipe). Returns it with the driver's index of each callback put into it (by id)."""
+    global _kept
+    kept, _kept = _kept, None  # a call that fails leaves no Trainer behind for the next one
+    if kept is not None and command.keeps_trainer and recipe.kept is not None and kept.identity == recipe.identity:
+        trainer = kept.trainer
+        update_kept_trainer(trainer, recipe.kept, _receive(recipe, callbacks, command, place_arguments=False))
+    else:
+        kept = None  # the Trainer kept for another driver Trainer (or construction) goes before a new one is built
+        trainer = build_trainer(recipe, _receive(recipe, callbacks, command, place_arguments=True))
+    # The driver's callbacks, as they are now (a construction called on_init_end on fresh copies).
+    trainer.callback_handler.callbacks = list(callbacks)
+    return trainer, {id(callback): index for index, callback in enumerate(callbacks)}
+
+
+def _receive(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand, place_arguments: bool) -> dict[str, Any]:
+    """Rebuild the datasets of the recipe and the command here, make the user's code importable and (for a Trainer
+    built afresh) place every TrainingArguments on this worker: resolving their device resets accelerate's state,
+    which a kept Trainer's accelerator holds. Returns the recipe's changed attributes."""
+    recipe.init_args = tuple(data_transport.rebuild(value) for value in recipe.init_args)
+    recipe.init_kwargs = {name: data_transport.rebuild(value) for name, value in recipe.init_kwargs.items()}
     changed = {name: data_transport.rebuild(value) for name, value in recipe.changed.items()}
     for field in dataclasses.fields(command):
         setattr(command, field.name, data_transport.rebuild(getattr(command, field.name)))
-    values = [*init_args, *init_kwargs.values(), *changed.values()]
+    values = [*recipe.init_args, *recipe.init_kwargs.values(), *changed.values()]
+    if recipe.kept is not None:
+        values.append(recipe.kept.args)
     make_importable([recipe.trainer_class, *values, *callbacks, command])
-    for value in values:
-        if isinstance(value, TrainingArguments):
+    placed = set()
+    for value in values if place_arguments else ():
+        if isinstance(value, TrainingArguments) and id(value) not in placed:
             place_on_this_worker(value)
-    trainer = recipe.trainer_class(*init_args, **init_kwargs)
+            placed.add(id(value))
+    return changed
+
+
+def build_trainer(recipe: TrainerRecipe, changed: dict[str, Any]) -> Any:
+    """The user's Trainer for this worker, constructed from the driver's constructor call."""
+    trainer = recipe.trainer_class(*recipe.init_args, **recipe.init_kwargs)
     for name, value in changed.items():
         setattr(trainer, name, value)
     if recipe.model_weights is not None:  # the constructor built or wrapped the model: take the driver's weights
@@ -113,9 +161,21 @@ def build_trainer(recipe: TrainerRecipe, callbacks: list, command: WorkerCommand
         # In-process, an earlier call would have prepared the model with the accelerator, and transformers' evaluation
         # then reports no model preparation time: the same here (transformers only counts `_models`).
         trainer.accelerator._models.append(trainer.model)
-    # The driver's callbacks, as they are now (the construction above called on_init_end on fresh copies).
-    trainer.callback_handler.callbacks = list(callbacks)
-    return trainer, {id(callback): index for index, callback in enumerate(callbacks)}
+    return trainer
+
+
+def update_kept_trainer(trainer: Any, update: KeptTrainerUpdate, changed: dict[str, Any]) -> None:
+    """Apply to the kept Trainer what the driver's code changed on its own since the last call, as that code would
+    have changed an in-process Trainer: the attributes it rebound, the fields of its arguments, the model's
+    weights (copied into the kept model's tensors, which its optimizer refers to)."""
+    for name in update.rebound:
+        setattr(trainer, name, changed[name])
+    for field in dataclasses.fields(update.args):
+        value = getattr(update.args, field.name)
+        if field.init and _differs(getattr(trainer.args, field.name, _MISSING), value):
+            setattr(trainer.args, field.name, value)
+    if update.weights is not None and trainer.model is not None:
+        trainer.model.load_state_dict(state_dict_of(update.weights))
 
 
 def place_on_this_worker(args: TrainingArguments) -> None:
@@ -160,8 +220,8 @@ def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: di
                    events: WorkerEvents, rank: int) -> CommandResult | None:
     """What the call changed, on rank 0 (every rank takes part in gathering sharded weights)."""
     weights = None
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if command.returns_weights:  # sharded (FSDP, DeepSpeed) weights are gathered by accelerate, on every rank
-        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else trainer.model.state_dict()
         weights = pack_state_dict(state_dict) if rank == 0 else None
     if rank != 0 or not command.sends_result:
@@ -174,7 +234,33 @@ def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: di
         weights=weights,
         args_changes={k: v for k, v in after["args"].items() if _differs(before["args"].get(k, _MISSING), v)},
         attribute_changes={k: v for k, v in after["attributes"].items()
-                           if _differs(before["attributes"].get(k, _MISSING), v)})
+                           if _differs(before["attributes"].get(k, _MISSING), v)},
+        model_attribute_changes={k: v for k, v in after["model"].items()
+                                 if _differs(before["model"].get(k, _MISSING), v)},
+        optimizer=optimizer_state(trainer) if command.returns_weights and not sharded else None)
+
+
+def optimizer_state(trainer: Any) -> OptimizerState | None:
+    """The optimizer's and the scheduler's state after training, on the CPU (every rank holds the same under DDP)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    if trainer.optimizer is None:
+        return None
+    scheduler = trainer.lr_scheduler
+    return OptimizerState(optimizer=_on_cpu(trainer.optimizer.state_dict()),
+                          prepared=isinstance(trainer.optimizer, AcceleratedOptimizer),
+                          scheduler=_on_cpu(scheduler.state_dict()) if scheduler is not None else None,
+                          scheduler_created=bool(getattr(trainer, "_created_lr_scheduler", False)))
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -199,11 +285,19 @@ def _is_plain(value: Any, depth: int = 0) -> bool:
 
 
 def _observe(trainer: Any) -> dict:
-    """The plain attributes of the Trainer and the fields of its arguments, to see what a call changes."""
+    """The plain attributes of the Trainer and of its model and the fields of its arguments, to see what a call
+    changes."""
     attributes = {k: _copy_plain(v) for k, v in vars(trainer).items() if not k.startswith("_raytrainer")
                   and k not in ("state", "control", "args") and _is_plain(v)}
     args = {f.name: _copy_plain(getattr(trainer.args, f.name)) for f in dataclasses.fields(trainer.args) if f.init}
-    return {"attributes": attributes, "args": args}
+    model = {k: _copy_plain(v) for k, v in vars(trainer.model).items()
+             if k not in MODEL_ATTRIBUTES_OF_THE_PROCESS and _is_plain(v)} if trainer.model is not None else {}
+    return {"attributes": attributes, "args": args, "model": model}
+
+
+# Plain attributes of a model that describe this process's handling of it, not the model: accelerate marks the model
+# it prepared (and would not prepare a model so marked again, e.g. with DDP on another worker).
+MODEL_ATTRIBUTES_OF_THE_PROCESS = frozenset({"_is_accelerate_prepared"})
 
 
 def _copy_plain(value: Any) -> Any:

@@ -170,7 +170,7 @@ def share_trainer(trainer: Any, settings: Any) -> tuple[list, dict]:
 
     checks.check_dataset(trainer, trainer.train_dataset, "training", needs_labels=True)
     ray_datasets: dict = {}
-    recipe = trainer._recipe(ray_datasets)
+    recipe = trainer._recipe(ray_datasets, keep=False)  # a trial builds its own Trainer
     callbacks = worker_callbacks(trainer.callback_handler.callbacks)
     send_by_value([type(trainer), *recipe.init_args, *recipe.init_kwargs.values(), *recipe.changed.values(),
                    *callbacks, settings.compute_objective, settings.hp_name])

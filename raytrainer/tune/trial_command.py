@@ -44,6 +44,7 @@ class TrialCommand(WorkerCommand):
 
     returns_weights = False
     sends_result = False  # the trial's results went to Tune; its model stays on the workers
+    keeps_trainer = False  # each trial builds its Trainer with its own hyperparameters
 
     def _settings(self) -> SearchSettings:
         if not isinstance(self.settings[0], SearchSettings):
