@@ -243,24 +243,15 @@ def collect_result(trainer: Any, output: Any, command: WorkerCommand, before: di
 def optimizer_state(trainer: Any) -> OptimizerState | None:
     """The optimizer's and the scheduler's state after training, on the CPU (every rank holds the same under DDP)."""
     from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import send_to_device
 
     if trainer.optimizer is None:
         return None
     scheduler = trainer.lr_scheduler
-    return OptimizerState(optimizer=_on_cpu(trainer.optimizer.state_dict()),
+    return OptimizerState(optimizer=send_to_device(trainer.optimizer.state_dict(), "cpu"),
                           prepared=isinstance(trainer.optimizer, AcceleratedOptimizer),
-                          scheduler=_on_cpu(scheduler.state_dict()) if scheduler is not None else None,
+                          scheduler=send_to_device(scheduler.state_dict(), "cpu") if scheduler is not None else None,
                           scheduler_created=bool(getattr(trainer, "_created_lr_scheduler", False)))
-
-
-def _on_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().clone()
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- results
