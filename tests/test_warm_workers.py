@@ -19,6 +19,16 @@ def build_model():
     return RegressionModel()
 
 
+class FrozenObjects(transformers.TrainerCallback):
+    """Records how many objects the worker's garbage collector has frozen (never walks) when training begins."""
+
+    def __init__(self):
+        self.counts: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.counts.append(gc.get_freeze_count())
+
+
 def wait_until_gone(process: tuple[int, float], timeout_s: float = 60.0) -> bool:
     return process_gone(*process, timeout_s=timeout_s)
 
@@ -31,10 +41,10 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
                                  model_init=build_model, train_dataset=data, eval_dataset=held_out)
     their_eval, their_prediction = theirs.evaluate(), theirs.predict(held_out)
 
-    pids = WorkerPids()
+    pids, frozen = WorkerPids(), FrozenObjects()
     args = training_arguments(tmp_path, max_steps=12, num_workers=2, per_device_train_batch_size=4)
     with Trainer(model_init=build_model, args=args, train_dataset=data, eval_dataset=held_out,
-                 callbacks=[pids]) as ours:
+                 callbacks=[pids, frozen]) as ours:
         first = ours.train()  # cold: starts the worker group
         first_weights = {k: v.clone() for k, v in ours.model.state_dict().items()}
         second = ours.train()  # warm: model_init builds a fresh model on the same workers
@@ -47,6 +57,9 @@ def test_calls_reuse_the_workers_and_a_warm_second_train_matches_transformers(tm
         assert comparable(evaluation) == pytest.approx(comparable(their_eval), rel=1e-5)
         np.testing.assert_allclose(prediction.predictions, their_prediction.predictions, rtol=1e-5)
         assert len(pids.processes) == 4 and len(set(pids.processes)) == 1, pids.processes  # one process served all
+        # The imports' objects are out of the collector's sight: transformers' collection at each train() walks only
+        # what the calls created.
+        assert len(frozen.counts) == 2 and min(frozen.counts) > 100_000, frozen.counts
         worker = pids.processes[0]
         # Another Trainer of the same worker layout takes over the idle group instead of starting one.
         other_pids = WorkerPids()
