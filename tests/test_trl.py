@@ -20,8 +20,8 @@ from _trl_fixtures import additions, digits, grpo_prompts, sft_data
 from helpers import free_port
 from parity import assert_logs_close, assert_weights_close
 from raytrainer import on_ray
-from raytrainer.trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig,
-                            SFTTrainer)
+from raytrainer.trl import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RewardConfig,
+                            RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -272,6 +272,50 @@ def test_grpo_on_one_worker_equals_trl_in_process(tmp_path):
     with torch_threads(threads.threads):
         theirs = trl.GRPOTrainer(model=gpt2(), args=trl.GRPOConfig(**grpo_settings(tmp_path, "trl")), **kwargs)
         theirs.train()
+    assert_logs_close(theirs.state.log_history, ours.state.log_history)  # the sampled completions' rewards too
+    assert_weights_close(theirs.model, ours.model, tol=1e-6)
+
+
+def unpaired_preference_data(n: int = 16) -> datasets.Dataset:
+    """KTO's data: each completion with its own desirable/undesirable label (the right sum, or one off)."""
+    rows = additions(n, seed=3)
+    return datasets.Dataset.from_dict({"prompt": [p for p, _ in rows],
+                                       "completion": [str(s + i % 2) for i, (_, s) in enumerate(rows)],
+                                       "label": [i % 2 == 0 for i in range(n)]})
+
+
+def test_kto_on_one_worker_equals_trl_in_process(tmp_path):
+    data, tok = unpaired_preference_data(), tokenizer()
+    extra = dict(max_steps=3, per_device_train_batch_size=4)
+    threads = WorkerThreads()
+    ours = KTOTrainer(model=gpt2(), ref_model=gpt2(seed=1), args=KTOConfig(**settings(tmp_path, "rt", **extra)),
+                      train_dataset=data, processing_class=tok, callbacks=[threads])
+    ours.train()
+    with torch_threads(threads.threads):
+        theirs = trl.KTOTrainer(model=gpt2(), ref_model=gpt2(seed=1),
+                                args=trl.KTOConfig(**settings(tmp_path, "trl", **extra)), train_dataset=data,
+                                processing_class=tok)
+        theirs.train()
+    assert len([entry for entry in ours.state.log_history if "loss" in entry]) == 3
+    assert_logs_close(theirs.state.log_history, ours.state.log_history)  # loss, kl, rewards/*, logps/*
+    assert_weights_close(theirs.model, ours.model, tol=1e-6)
+
+
+def test_rloo_on_one_worker_equals_trl_in_process(tmp_path):
+    """RLOO with a KL term to its reference model, which TRL loads from the model's path (on the driver and on the
+    worker, as in each process of `accelerate launch`)."""
+    model = gpt2()
+    model.config.update(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # what gpt2() switches off
+    model.save_pretrained(tmp_path / "model")
+    kwargs = dict(model=str(tmp_path / "model"), reward_funcs=digits, train_dataset=grpo_prompts(),
+                  processing_class=tokenizer())
+    threads = WorkerThreads()
+    ours = RLOOTrainer(args=RLOOConfig(**grpo_settings(tmp_path, "rt", beta=0.05)), callbacks=[threads], **kwargs)
+    ours.train()
+    with torch_threads(threads.threads):
+        theirs = trl.RLOOTrainer(args=trl.RLOOConfig(**grpo_settings(tmp_path, "trl", beta=0.05)), **kwargs)
+        theirs.train()
+    assert "rewards/digits/mean" in next(entry for entry in ours.state.log_history if "loss" in entry)
     assert_logs_close(theirs.state.log_history, ours.state.log_history)  # the sampled completions' rewards too
     assert_weights_close(theirs.model, ours.model, tol=1e-6)
 
