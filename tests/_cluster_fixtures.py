@@ -54,8 +54,9 @@ class LocalRayHead:
         return processes_of(self.process.pid, str(self.root))
 
     def stop(self) -> None:
-        """SIGTERM this head's processes, SIGKILL what is left after a grace period, remove its files."""
-        stop_processes_of(self.process.pid, str(self.root))
+        """SIGTERM this head's processes, SIGKILL what is left after a second, remove its files. (Given longer, the
+        raylet takes 10 s to exit and the GCS does not exit at all: nothing of a test's head is kept.)"""
+        stop_processes_of(self.process.pid, str(self.root), grace_s=1)
         self.process.wait(timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
 

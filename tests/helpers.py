@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import numpy as np
 import torch
@@ -222,7 +223,16 @@ def processes_of(root_pid: int, marker: str) -> list:
     return list(found.values())
 
 
-def stop_processes_of(root_pid: int, marker: str, grace_s: float = 15) -> None:
+def _ended(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def stop_processes_of(root_pid: int, marker: str, grace_s: float) -> None:
     """SIGTERM `processes_of(root_pid, marker)`, then SIGKILL what is left (or appeared) after `grace_s`."""
     import psutil
 
@@ -232,10 +242,17 @@ def stop_processes_of(root_pid: int, marker: str, grace_s: float = 15) -> None:
             process.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=grace_s)
-    for process in alive + processes_of(root_pid, marker):
+    deadline = time.monotonic() + grace_s
+    # An exited process whose parent was stopped too stays a zombie until init reaps it (a container's init may
+    # never): it has ended, so it is not waited for.
+    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [process for process in processes if not _ended(process)] + processes_of(root_pid, marker)
+    for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(_ended(process) for process in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)

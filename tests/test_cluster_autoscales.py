@@ -102,7 +102,8 @@ def test_a_group_the_cluster_cannot_hold_fails_at_once_unless_the_cluster_autosc
 
 def stop_node(node: subprocess.Popen, node_dir: str) -> None:
     """Stop the `ray start --block` process this test started and every process of its node (their command lines
-    name the node's private temp dir); remove the temp dir."""
-    stop_processes_of(node.pid, node_dir, grace_s=20)
+    name the node's private temp dir; SIGKILL after a second: its raylet takes 10 s to exit on SIGTERM); remove the
+    temp dir."""
+    stop_processes_of(node.pid, node_dir, grace_s=1)
     node.wait(timeout=20)
     shutil.rmtree(node_dir, ignore_errors=True)
