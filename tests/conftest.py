@@ -33,23 +33,6 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def many_nodes_run(request, tmp_path_factory):
-    """The many-node scenarios (tests/test_many_nodes.py) on their own multi-node cluster, in a driver process of
-    their own, started with the session when those tests are selected: the driver runs beside the other tests
-    (which leave the cores idle a fifth of the time, waiting on processes they started) and its tests read its
-    results (fixture `cluster_run`). Nothing else shares its cluster or its Ray temp dir."""
-    if not any("cluster_run" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    from test_many_nodes import start_cluster_run
-
-    folder = tmp_path_factory.mktemp("many-nodes")
-    run = start_cluster_run(folder)
-    yield run, folder
-    run.stop()
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -40,56 +40,32 @@ def processes_of(marker: str) -> list[psutil.Process]:
     return found
 
 
-class ClusterDriverRun:
-    """The multi-node driver, running in its own session with its own Ray temp dir; `result()` waits for it and
-    asserts that it left no process."""
-
-    def __init__(self, folder: Path, *options: str):
-        self.ray_tmp = tempfile.mkdtemp(prefix="rtn-", dir="/tmp")  # short: Ray's socket paths live under it
-        env = {**os.environ, "RAY_TMPDIR": self.ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
-               "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen([sys.executable, str(TESTS / "_multinode_driver.py"), str(folder), *options],
-                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
-        self.outcome: tuple[str, str] | None = None
-
-    def result(self, timeout: float = 900) -> dict:
-        if self.outcome is None:
-            try:
-                self.outcome = self.process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.outcome = self.process.communicate()
-        stdout, stderr = self.outcome
-        deadline = time.monotonic() + 30
-        while processes_of(self.ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = processes_of(self.ray_tmp)
-        for proc in left:  # only this cluster's processes: their command lines name its private temp dir
-            proc.kill()
-        assert self.process.returncode == 0, "\n".join(line for line in stderr.splitlines()
-                                                       if "PlacementGroupCleaner" not in line)[-6000:]
-        assert not left, f"the cluster left processes behind: {[p.info['cmdline'][:2] for p in left]}"
-        assert not os.path.exists(os.path.join(self.ray_tmp, "ray", "ray_current_cluster"))
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-        line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
-        return json.loads(line[len("RESULT "):])
-
-    def stop(self) -> None:
-        """End the driver and its cluster if no test waited for them (the session ended first)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.communicate()
-        for proc in processes_of(self.ray_tmp):
-            proc.kill()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
-def start_cluster_run(folder: Path) -> ClusterDriverRun:
-    """Every scenario on one cluster, in one driver process (a cluster start costs more than most scenarios):
-    the two spread runs, then the search and the generator, each on three live worker nodes."""
-    return ClusterDriverRun(folder, "--scenarios", "spread_storage,spread_local,search,generator",
-                            "--health-check-ms", "500")
+def run_cluster_driver(folder: Path, *options: str, timeout: float = 900) -> dict:
+    """Run the multi-node driver in its own session, with its own Ray temp dir; assert it left no process."""
+    ray_tmp = tempfile.mkdtemp(prefix="rtn-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, str(TESTS / "_multinode_driver.py"), str(folder), *options],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    deadline = time.monotonic() + 30
+    while processes_of(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = processes_of(ray_tmp)
+    for proc in left:  # only this cluster's processes: their command lines name its private temp dir
+        proc.kill()
+    assert process.returncode == 0, "\n".join(line for line in stderr.splitlines()
+                                              if "PlacementGroupCleaner" not in line)[-6000:]
+    assert not left, f"the cluster left processes behind: {[p.info['cmdline'][:2] for p in left]}"
+    assert not os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 def attempts(scenario: dict) -> tuple[dict, dict]:
@@ -110,10 +86,12 @@ def node_of(events: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster_run(many_nodes_run) -> tuple[dict, Path]:
-    """The scenarios' results (started with the test session: tests/conftest.py) and their folder."""
-    run, folder = many_nodes_run
-    return run.result(), folder
+def cluster_run(tmp_path_factory) -> tuple[dict, Path]:
+    """Every scenario on one cluster, in one driver process (a cluster start costs more than most scenarios):
+    the two spread runs, then the search and the generator, each on three live worker nodes."""
+    folder = tmp_path_factory.mktemp("many-nodes")
+    scenarios = "spread_storage,spread_local,search,generator"
+    return run_cluster_driver(folder, "--scenarios", scenarios, "--health-check-ms", "500"), folder
 
 
 def test_spread_workers_survive_losing_a_node_and_our_actors_stay_on_the_driver_node(cluster_run):
