@@ -129,15 +129,13 @@ def killed_pid(marker: str, timeout_s: float = 30.0) -> int:
 def process_gone(pid: int, started: float | None = None, timeout_s: float = 60.0) -> bool:
     """Whether process `pid` ends within `timeout_s` (a pid the system gave to a newer process counts as gone when
     `started`, the create time of the process that was meant, is given)."""
-    import time
-
     import psutil
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             process = psutil.Process(pid)
-            if process.status() == psutil.STATUS_ZOMBIE or (started is not None and process.create_time() != started):
+            if _ended(process) or (started is not None and process.create_time() != started):
                 return True
         except psutil.NoSuchProcess:
             return True
@@ -224,12 +222,22 @@ def processes_of(root_pid: int, marker: str) -> list:
 
 
 def _ended(process) -> bool:
+    """Whether `process` has exited. An exited process whose parent was stopped too stays a zombie until init
+    reaps it (a container's init may never): it has ended."""
     import psutil
 
     try:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def _wait_until_ended(processes: list, timeout_s: float) -> list:
+    """Wait up to `timeout_s` for every process of `processes` to end; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [process for process in processes if not _ended(process)]
 
 
 def stop_processes_of(root_pid: int, marker: str, grace_s: float) -> None:
@@ -242,17 +250,10 @@ def stop_processes_of(root_pid: int, marker: str, grace_s: float) -> None:
             process.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    deadline = time.monotonic() + grace_s
-    # An exited process whose parent was stopped too stays a zombie until init reaps it (a container's init may
-    # never): it has ended, so it is not waited for.
-    while not all(_ended(process) for process in processes) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = [process for process in processes if not _ended(process)] + processes_of(root_pid, marker)
+    alive = _wait_until_ended(processes, grace_s) + processes_of(root_pid, marker)
     for process in alive:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    deadline = time.monotonic() + 10
-    while not all(_ended(process) for process in alive) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_until_ended(alive, 10)

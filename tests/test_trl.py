@@ -179,13 +179,19 @@ def test_dpo_on_one_worker_equals_trl_in_process(tmp_path):
     assert_weights_close(theirs.model, ours.model, tol=1e-6)
 
 
+def saved_gpt2(folder: Path) -> str:
+    """gpt2() saved to `folder`, for TRL to load the model (and its reference model) from the path; the loaded
+    model keeps dropout off, as gpt2() has it."""
+    model = gpt2()
+    model.config.update(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # what gpt2() switches off
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def test_dpo_without_ref_model_on_one_worker_equals_trl_in_process(tmp_path):
     """ref_model=None with the model given as a path: TRL loads the reference model from it, on the driver and on the
     worker (the path must be readable by every worker, as by every process of `accelerate launch`)."""
-    model = gpt2()
-    model.config.update(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # what gpt2() switches off
-    model.save_pretrained(tmp_path / "model")
-    kwargs = dict(model=str(tmp_path / "model"), train_dataset=preference_data(), processing_class=tokenizer())
+    kwargs = dict(model=saved_gpt2(tmp_path / "model"), train_dataset=preference_data(), processing_class=tokenizer())
     extra = dict(max_steps=3, per_device_train_batch_size=4)
     threads = WorkerThreads()
     ours = DPOTrainer(args=DPOConfig(**settings(tmp_path, "rt", **extra)), callbacks=[threads], **kwargs)
@@ -304,10 +310,7 @@ def test_kto_on_one_worker_equals_trl_in_process(tmp_path):
 def test_rloo_on_one_worker_equals_trl_in_process(tmp_path):
     """RLOO with a KL term to its reference model, which TRL loads from the model's path (on the driver and on the
     worker, as in each process of `accelerate launch`)."""
-    model = gpt2()
-    model.config.update(dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # what gpt2() switches off
-    model.save_pretrained(tmp_path / "model")
-    kwargs = dict(model=str(tmp_path / "model"), reward_funcs=digits, train_dataset=grpo_prompts(),
+    kwargs = dict(model=saved_gpt2(tmp_path / "model"), reward_funcs=digits, train_dataset=grpo_prompts(),
                   processing_class=tokenizer())
     threads = WorkerThreads()
     ours = RLOOTrainer(args=RLOOConfig(**grpo_settings(tmp_path, "rt", beta=0.05)), callbacks=[threads], **kwargs)
